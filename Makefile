@@ -1,0 +1,55 @@
+# Every target sets up what it needs: a venv in .venv with torch (CPU build by default) and this package.
+#   make test                     run the test suite
+#   make demo                     the whole tiny pipeline, offline, on CPU
+#   make sft RECIPE=... ARGS="train.lr=1e-4" NPROC=2
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch build to install when the venv has none. On a GPU machine: make setup TORCH="torch==2.11.0"
+TORCH  ?= torch==2.13.0
+NPROC  ?= 1
+ARGS   ?=
+# accelerate config for multi-process runs (recipes/accelerate/*.yaml); empty = DDP defaults
+ACCEL_CONFIG ?=
+
+STAGES := tasks pretrain sft rm ppo dpo eval export
+ifeq ($(NPROC),1)
+  LAUNCH := $(PY) -m rlhf.cli
+else
+  LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCEL_CONFIG),--config_file $(ACCEL_CONFIG),--multi_gpu) --num_processes $(NPROC) -m rlhf.cli
+endif
+
+.PHONY: setup test demo report check plan $(STAGES)
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	@$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+# The tiny chain: task data -> pretrain -> sft -> rm -> ppo -> dpo -> eval -> export -> report.
+# resume=true makes it re-entrant: finished stages are kept, interrupted ones continue.
+demo: setup
+	@for s in $(STAGES); do \
+	  echo "=== $$s ==="; \
+	  $(LAUNCH) $$s recipes/tiny/$$s.yaml resume=true $(ARGS) || exit $$?; \
+	done
+	$(PY) -m rlhf.cli report runs/tiny --out runs/tiny/report
+
+$(STAGES): setup
+	$(LAUNCH) $@ $(or $(RECIPE),recipes/tiny/$@.yaml) $(ARGS)
+
+check: setup
+	$(PY) -m rlhf.cli check $(RECIPE) $(ARGS)
+
+plan: setup
+	$(PY) -m rlhf.cli plan $(RECIPE) $(ARGS)
+
+report: setup
+	$(PY) -m rlhf.cli report $(or $(RUNS),runs/tiny) --out $(or $(OUT),runs/tiny/report)

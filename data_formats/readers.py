@@ -1,0 +1,141 @@
+"""Read raw records from JSON / JSONL / parquet files, folders of them, or `datasets` hub ids.
+
+Every record keeps where it came from (`file:line`, or `file:row N` / `hub-id[split]:row N`), so that
+validation errors can point at it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.errors import DataError, UserError
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Raw:
+    where: str  # "file:line" or "source:row N"
+    data: dict
+
+
+class Invalid:
+    """Collects (or raises) record problems according to `skip_invalid`."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.count = 0
+        self.first: str | None = None
+
+    def __call__(self, err: DataError) -> None:
+        if not self.skip:
+            raise err
+        self.count += 1
+        self.first = self.first or err.line()
+
+
+def read_records(spec: str, split: str, invalid: Invalid, key: str) -> list[Raw]:
+    """All records of a data source (see module doc)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _read_file(path, invalid)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"folder {spec} holds no {'/'.join(SUFFIXES)} files", None, key)
+        return [r for f in files for r in _read_file(f, invalid)]
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.suffix in SUFFIXES:
+        raise UserError(f"data file {spec} not found", None, key)
+    return _read_hub(spec, split, key)
+
+
+def _read_file(path: Path, invalid: Invalid) -> list[Raw]:
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    blob = path.read_bytes()
+    if path.suffix == ".json" or blob.lstrip()[:1] == b"[":
+        return _read_json_array(path, blob, invalid)
+    return _read_jsonl(path, blob, invalid)
+
+
+def _read_jsonl(path: Path, blob: bytes, invalid: Invalid) -> list[Raw]:
+    out = []
+    for lineno, line in enumerate(blob.split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            invalid(DataError(f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1})", where))
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            invalid(DataError(f"invalid JSON: {err.msg} (column {err.colno})", where))
+            continue
+        if not isinstance(obj, dict):
+            invalid(DataError(f"expected a JSON object, got {type(obj).__name__}", where))
+            continue
+        out.append(Raw(where, obj))
+    return out
+
+
+def _read_json_array(path: Path, blob: bytes, invalid: Invalid) -> list[Raw]:
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = blob[:err.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte 0x{blob[err.start]:02x})", f"{path}:{line}") from None
+    decoder = json.JSONDecoder()
+    i, n = _skip_ws(text, 0), len(text)
+    if i >= n or text[i] != "[":
+        raise DataError("expected a JSON list of records", f"{path}:{text.count(chr(10), 0, i) + 1}")
+    i = _skip_ws(text, i + 1)
+    out, line, counted = [], 1, 0
+    while i < n and text[i] != "]":
+        line += text.count("\n", counted, i)
+        counted = i
+        where = f"{path}:{line}"
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as err:
+            raise DataError(f"invalid JSON: {err.msg}", f"{path}:{err.lineno}") from None
+        if isinstance(obj, dict):
+            out.append(Raw(where, obj))
+        else:
+            invalid(DataError(f"expected a JSON object, got {type(obj).__name__}", where))
+        i = _skip_ws(text, end)
+        if i < n and text[i] == ",":
+            i = _skip_ws(text, i + 1)
+        elif i < n and text[i] != "]":
+            raise DataError("invalid JSON: expected ',' or ']'", f"{path}:{text.count(chr(10), 0, i) + 1}")
+    if i >= n:
+        raise DataError("invalid JSON: the list is not closed", f"{path}:{text.count(chr(10)) + 1}")
+    return out
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _read_parquet(path: Path) -> list[Raw]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    return [Raw(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)]
+
+
+def _read_hub(spec: str, split: str, key: str) -> list[Raw]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(spec, split=split)
+    except Exception as err:  # datasets raises many types (network, missing split, bad config)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load dataset '{spec}' (split {split}): {first}", None, key) from None
+    return [Raw(f"{spec}[{split}]:row {i + 1}", dict(row)) for i, row in enumerate(ds)]

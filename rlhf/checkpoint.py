@@ -1,0 +1,123 @@
+"""Resumable checkpoints: trainable weights, optimisers, schedulers, RNG states and loop state.
+
+A checkpoint is written to `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when
+complete, so a kill during a save leaves the previous checkpoint intact. Weights are safetensors;
+optimiser and scheduler states are loaded with `torch.load(weights_only=True)`; RNG states are JSON
+and safetensors (no pickle anywhere).
+
+Under FSDP or DeepSpeed the sharded model and optimiser states are saved by `accelerator.save_state`,
+the rest as here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
+
+from rlhf.artifacts import write_json_atomic
+
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes (LoRA weights, value head, or everything in full FT)."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    py = random.getstate()
+    npy = np.random.get_state()
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    return plain, tensors
+
+
+def _set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    v, state, gauss = plain["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save(folder: Path, step: int, accelerator, state: dict, modules: dict, optimizers: dict,
+         schedulers: dict, keep: int) -> Path:
+    """Write checkpoint `step` under `folder` (all processes call this)."""
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    plain, tensors = _rng_state()
+    rank = accelerator.process_index
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
+    save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+
+    if accelerator.distributed_type in SHARDED:
+        accelerator.save_state(str(tmp / "accelerate"))
+    elif accelerator.is_main_process:
+        for name, model in modules.items():
+            save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp / f"{name}.safetensors"))
+        for name, opt in optimizers.items():
+            torch.save(opt.state_dict(), tmp / f"{name}.optimizer.pt")
+    if accelerator.is_main_process:
+        for name, sched in schedulers.items():
+            torch.save(sched.state_dict(), tmp / f"{name}.scheduler.pt")
+        write_json_atomic(tmp / "state.json", state)  # last file: marks the checkpoint complete
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(p for p in folder.iterdir() if p.name.startswith("step-"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(path: Path) -> dict:
+    """The loop state of a checkpoint (without loading anything else)."""
+    return json.loads((path / "state.json").read_text())
+
+
+def load(path: Path, accelerator, modules: dict, optimizers: dict, schedulers: dict) -> dict:
+    """Restore everything `save` wrote; returns the loop state dict."""
+    if accelerator.distributed_type in SHARDED:
+        accelerator.load_state(str(path / "accelerate"))
+    else:
+        for name, model in modules.items():
+            weights = load_file(str(path / f"{name}.safetensors"))
+            target = accelerator.unwrap_model(model)
+            missing = [n for n, p in target.named_parameters() if p.requires_grad and n not in weights]
+            if missing:
+                raise RuntimeError(f"checkpoint {path} lacks {len(missing)} trainable tensors of {name} "
+                                   f"(e.g. {missing[0]})")
+            target.load_state_dict(weights, strict=False)
+        for name, opt in optimizers.items():
+            opt.load_state_dict(torch.load(path / f"{name}.optimizer.pt", map_location="cpu", weights_only=True))
+    for name, sched in schedulers.items():
+        sched.load_state_dict(torch.load(path / f"{name}.scheduler.pt", weights_only=True))
+    rank = accelerator.process_index
+    rng_json = path / f"rng-rank{rank}.json"
+    if rng_json.is_file():
+        _set_rng_state(json.loads(rng_json.read_text()), load_file(str(path / f"rng-rank{rank}.safetensors")))
+    return json.loads((path / "state.json").read_text())

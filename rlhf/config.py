@@ -1,0 +1,271 @@
+"""Typed recipes: YAML -> dataclasses, with dotted overrides and one-line errors.
+
+A recipe section is a dataclass whose fields are declared with `opt(default, help)` or `req(help)`.
+`build()` turns a plain dict (from YAML) into the dataclass, checking every key: unknown keys, wrong
+types, missing required values and out-of-range numbers raise `RecipeError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from rlhf.errors import RecipeError
+
+_MISSING = dataclasses.MISSING
+_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def opt(default: Any, help: str, *, gt: float | None = None, ge: float | None = None,
+        le: float | None = None, lt: float | None = None) -> Any:
+    """A recipe field with a default, a one-line help and optional numeric bounds."""
+    meta = {"help": help, "gt": gt, "ge": ge, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda d=default: dataclasses.replace(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested section that is present by default (filled with its own defaults)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+def req(help: str, **bounds: float) -> Any:
+    """A required recipe field (no default)."""
+    return dataclasses.field(metadata={"help": help, **{k: bounds.get(k) for k in ("gt", "ge", "le", "lt")}})
+
+
+# ---------------------------------------------------------------------------------------------
+# type checking of one value
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        name = " or ".join(_type_name(a) for a in args)
+        return name + " or null" if len(args) < len(get_args(tp)) else name
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (section)"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Return `value` checked against type `tp` (ints widen to floats, numeric strings become floats)."""
+    origin = get_origin(tp)
+    bad = RecipeError(f"expected {_type_name(tp)}, got {value!r}", where, key)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except RecipeError as err:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise err  # a section with a bad key inside: report that key, not the union
+        raise bad
+    if origin is Literal:
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, get_args(tp)[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): _coerce(v, get_args(tp)[1], f"{key}.{k}", where) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return build(tp, value, where, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` as a string
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported recipe field type {tp!r} at {key}")
+
+
+def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str, where: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    checks = [("gt", lambda v, b: v > b, "greater than"), ("ge", lambda v, b: v >= b, "at least"),
+              ("lt", lambda v, b: v < b, "less than"), ("le", lambda v, b: v <= b, "at most")]
+    for name, ok, words in checks:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            raise RecipeError(f"must be {words} {bound:g}, got {value:g}", where, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def build(cls: type, data: dict | None, where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; every problem raises RecipeError naming the dotted key."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise RecipeError(f"unknown key{hint}", where, _join(prefix, str(name)))
+    values = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name in data:
+            value = _coerce(data[name], hints[name], key, where)
+            _check_bounds(value, f.metadata, key, where)
+            values[name] = value
+        elif f.default is _MISSING and f.default_factory is _MISSING:
+            raise RecipeError(f"missing required value ({f.metadata.get('help', '')})", where, key)
+    obj = cls(**values)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except RecipeError as err:  # validate() names keys relative to its section
+            raise RecipeError(err.message, where, _join(prefix, err.key or "")) from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dict (field order kept) for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+# ---------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a recipe file (yaml.safe_load); a missing file or broken YAML is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"invalid YAML: {getattr(err, 'problem', err)}", where) from None
+    except UnicodeDecodeError:
+        raise RecipeError("recipe is not UTF-8 text", str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping of sections", str(path))
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> set[str]:
+    """Apply `a.b.c=value` strings to the raw recipe dict in place (values parsed as YAML).
+
+    Returns the set of overridden dotted keys so errors about them can name the command line.
+    """
+    touched = set()
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form key=value", "command line")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override {item!r} has an empty key", "command line")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"{'.'.join(parts[:i + 1])} is not a section", "command line", key)
+            node = child
+        node[parts[-1]] = value
+        touched.add(key)
+    return touched
+
+
+def recipe_hash(resolved: dict) -> str:
+    """sha256 of the canonical JSON of a resolved recipe (what the run depended on)."""
+    blob = json.dumps(resolved, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def dump_yaml(resolved: dict) -> str:
+    return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def describe(cls: type, prefix: str = "", depth: int = 0) -> list[str]:
+    """Recipe reference: one line per field with its type, default and help (for `rlhf STAGE --help`)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        tp = hints[f.name]
+        sub = [a for a in (get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        if sub:
+            lines.append(f"{'  ' * depth}{key}:  {f.metadata.get('help', '')}")
+            lines += describe(sub[0], key, depth + 1)
+            continue
+        if f.default is not _MISSING:
+            default = f.default
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
+        else:
+            default = "REQUIRED"
+        lines.append(f"{'  ' * depth}{key} = {default!r}  ({_type_name(tp)})  {f.metadata.get('help', '')}")
+    return lines

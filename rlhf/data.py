@@ -1,0 +1,262 @@
+"""Data for the stages: records -> token ids -> batches.
+
+`load_split` reads and validates records (data_formats), holds out an eval split, and counts what it
+skipped. The `encode_*` functions tokenize prompt and response separately and join the ids, so the
+prompt/response boundary is exact and matches what the model sees when it generates. `collate_*`
+build padded (or padding-free packed) tensors; `plan_batches` decides which examples each process
+sees at each step (no duplicates, no drops inside a step).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from data_formats.readers import Invalid, read_records
+from data_formats.templates import load_template
+from rlhf.errors import DataError, UserError
+
+IGNORE_INDEX = -100  # labels with this value are not trained on (torch cross-entropy's ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class Split:
+    train: list
+    eval: list
+    counts: dict = field(default_factory=dict)
+
+
+def _parse_all(spec: str, section, parse: Callable, invalid: Invalid, key: str) -> list:
+    out = []
+    split = (section.eval_split or section.split) if key == "data.eval" else section.split
+    for raw in read_records(spec, split, invalid, key):
+        try:
+            out.append(parse(raw))
+        except DataError as err:
+            invalid(err)
+    return out
+
+
+def load_split(section, parse: Callable, seed: int) -> Split:
+    """Read `data.train` (+ `data.eval` or an `eval_fraction` split) with `parse(raw) -> record`.
+
+    Records need a `.prompt`; the held-out split is made by prompt, so no prompt is in both splits.
+    """
+    template = load_template(section.template)
+    invalid = Invalid(section.skip_invalid)
+    parse_t = lambda raw: parse(raw, template)  # noqa: E731
+    train = _parse_all(section.train, section, parse_t, invalid, "data.train")
+    if not train:
+        raise DataError("no valid records" + (f" (first problem: {invalid.first})" if invalid.first else ""),
+                        section.train, "data.train")
+    if section.max_records:
+        train = train[: section.max_records]
+    if section.eval:
+        evals = _parse_all(section.eval, section, parse_t, invalid, "data.eval")
+        if not evals:
+            raise DataError("no valid records", section.eval, "data.eval")
+        if section.eval == section.train and (section.eval_split or section.split) == section.split:
+            raise UserError("is the same data as data.train; give another file or data.eval_split", None,
+                            "data.eval")
+        seen = {r.prompt: r.where for r in train}
+        dupes = [(r.where, seen[r.prompt]) for r in evals if r.prompt in seen]
+        if dupes:
+            raise DataError(f"{len(dupes)} eval prompt(s) also appear in the training data (e.g. {dupes[0][0]} "
+                            f"and {dupes[0][1]}); held-out results would be inflated", section.eval, "data.eval")
+    elif section.eval_fraction > 0:
+        prompts = sorted({r.prompt for r in train})
+        random.Random(seed).shuffle(prompts)
+        held = set(prompts[: max(1, int(len(prompts) * section.eval_fraction))])
+        evals = [r for r in train if r.prompt in held]
+        train = [r for r in train if r.prompt not in held]
+        if not train:
+            raise UserError("eval_fraction leaves no training records", None, "data.eval_fraction")
+    else:
+        evals = []
+    counts = {"train_records": len(train), "eval_records": len(evals), "invalid_skipped": invalid.count}
+    if invalid.count:
+        counts["first_invalid"] = invalid.first
+    return Split(train, evals, counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization
+
+
+def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def _left_truncate(ids: list[int], limit: int, bos: int | None) -> list[int]:
+    """Keep the end of a prompt (where the question and the response header are); keep BOS."""
+    if len(ids) <= limit:
+        return ids
+    if bos is not None and ids and ids[0] == bos and limit > 1:
+        return [bos] + ids[len(ids) - limit + 1:]
+    return ids[len(ids) - limit:]
+
+
+def encode_sft(records: list, tokenizer, max_len: int, train_on_prompt: bool, key: str = "data.max_len"):
+    """Alpaca records -> {'input_ids', 'labels'}; labels are IGNORE_INDEX on prompt tokens.
+
+    Over-long examples are cut at the end (the response tail); an example whose prompt alone fills
+    `max_len` would lose its whole response and is dropped and counted instead.
+    """
+    prompts = _ids(tokenizer, [r.prompt for r in records], True)
+    responses = _ids(tokenizer, [r.response for r in records], False)
+    out, dropped, truncated = [], 0, 0
+    for p, r in zip(prompts, responses):
+        r = r + [tokenizer.eos_token_id]
+        if len(p) >= max_len:
+            dropped += 1
+            continue
+        ids = (p + r)[:max_len]
+        truncated += len(p) + len(r) > max_len
+        labels = ids if train_on_prompt else [IGNORE_INDEX] * len(p) + ids[len(p):]
+        out.append({"input_ids": ids, "labels": list(labels)})
+    _check_kept(records, out, max_len, key)
+    return out, {"dropped_too_long": dropped, "truncated": truncated}
+
+
+def encode_preferences(records: list, tokenizer, max_len: int, max_prompt_len: int, key: str = "data.max_len"):
+    """Pairs -> {'prompt_ids', 'chosen_ids', 'rejected_ids', 'margin'}; responses end in EOS.
+
+    Prompts are left-truncated to `max_prompt_len`; responses are cut to fit `max_len`. Pairs left with
+    an empty response, or with chosen == rejected after cutting, are dropped and counted.
+    """
+    bos = tokenizer.bos_token_id
+    prompts = _ids(tokenizer, [r.prompt for r in records], True)
+    chosen = _ids(tokenizer, [r.chosen for r in records], False)
+    rejected = _ids(tokenizer, [r.rejected for r in records], False)
+    out, dropped, truncated = [], 0, 0
+    for rec, p, c, j in zip(records, prompts, chosen, rejected):
+        p2 = _left_truncate(p, max_prompt_len, bos)
+        room = max_len - len(p2)
+        c2, j2 = (c + [tokenizer.eos_token_id])[:room], (j + [tokenizer.eos_token_id])[:room]
+        truncated += (len(p2) < len(p)) or len(c2) <= len(c) or len(j2) <= len(j)
+        if room <= 0 or not c2 or not j2 or c2 == j2:
+            dropped += 1
+            continue
+        out.append({"prompt_ids": p2, "chosen_ids": c2, "rejected_ids": j2,
+                    "margin": rec.margin if rec.margin is not None else 0.0})
+    _check_kept(records, out, max_len, key)
+    return out, {"dropped_too_long": dropped, "truncated": truncated}
+
+
+def encode_prompts(records: list, tokenizer, max_prompt_len: int) -> tuple[list, dict]:
+    """Prompt records -> {'prompt_ids', 'meta', 'prompt'} (left-truncated)."""
+    bos = tokenizer.bos_token_id
+    prompts = _ids(tokenizer, [r.prompt for r in records], True)
+    out, truncated = [], 0
+    for rec, p in zip(records, prompts):
+        p2 = _left_truncate(p, max_prompt_len, bos)
+        truncated += len(p2) < len(p)
+        out.append({"prompt_ids": p2, "meta": rec.meta, "prompt": rec.prompt})
+    return out, {"truncated": truncated}
+
+
+def _check_kept(records: list, kept: list, max_len: int, key: str) -> None:
+    if records and not kept:
+        raise UserError(f"all {len(records)} records are too long for {max_len} tokens after truncation "
+                        f"(the prompt alone fills the budget); raise it or shorten the prompts", None, key)
+
+
+def length_stats(lengths: list[int]) -> dict:
+    if not lengths:
+        return {}
+    s = sorted(lengths)
+    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+    return {"min": s[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": s[-1],
+            "mean": round(sum(s) / len(s), 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch; the remainder (< batch_size, a different one each epoch) waits."""
+    return n // batch_size
+
+
+def plan_batches(n: int, batch_size: int, micro: int, rank: int, world: int, seed: int, epoch: int, step: int,
+                 lengths: list[int] | None = None) -> list[list[int]]:
+    """Example indices of this process's micro-batches for optimizer step `step` of `epoch`.
+
+    The epoch order is a permutation seeded by (seed, epoch), so a resumed run sees the same data. The
+    global batch is sorted by length (less padding) and dealt out micro-batch by micro-batch to the
+    processes in turn: every example of the step is seen by exactly one process.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    batch = order[step * batch_size:(step + 1) * batch_size]
+    if lengths is not None:
+        batch.sort(key=lambda i: lengths[i])
+    micros = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    return micros[rank::world]
+
+
+def eval_shard(n: int, rank: int, world: int, micro: int) -> list[list[int]]:
+    """This process's share of an eval set, in micro-batches (every index exactly once overall)."""
+    mine = list(range(rank, n, world))
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate_sft(examples: list[dict], pad_id: int, packing: bool) -> dict:
+    """Right-padded batch, or with `packing` one padding-free row whose position ids restart at each
+    example (transformers turns restarting position ids into a block-diagonal causal mask)."""
+    if packing:
+        ids = [t for e in examples for t in e["input_ids"]]
+        labels = []
+        for e in examples:
+            lab = list(e["labels"])
+            lab[0] = IGNORE_INDEX  # the first token of an example is not predicted from the previous one
+            labels += lab
+        pos = [p for e in examples for p in range(len(e["input_ids"]))]
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([pos]), "attention_mask": None}
+    input_ids = pad([e["input_ids"] for e in examples], pad_id)
+    labels = pad([e["labels"] for e in examples], IGNORE_INDEX)
+    attention_mask = pad([[1] * len(e["input_ids"]) for e in examples], 0)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": None}
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict:
+    """Chosen rows then rejected rows, right-padded, for one concatenated forward.
+
+    `response_mask` marks response tokens (the tokens whose logprobs DPO sums); `labels` hold the ids
+    of the response tokens and IGNORE_INDEX elsewhere."""
+    seqs, labels = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for e in examples:
+            seqs.append(e["prompt_ids"] + e[side])
+            labels.append([IGNORE_INDEX] * len(e["prompt_ids"]) + e[side])
+    input_ids = pad(seqs, pad_id)
+    return {"input_ids": input_ids, "labels": pad(labels, IGNORE_INDEX),
+            "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+            "margin": torch.tensor([e["margin"] for e in examples], dtype=torch.float32)}
+
+
+def collate_prompts(examples: list[dict], pad_id: int) -> dict:
+    """Left-padded prompts (generation appends on the right)."""
+    return {"input_ids": pad([e["prompt_ids"] for e in examples], pad_id, left=True),
+            "attention_mask": pad([[1] * len(e["prompt_ids"]) for e in examples], 0, left=True)}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

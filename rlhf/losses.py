@@ -1,0 +1,285 @@
+"""The math of RLHF as pure functions of tensors.
+
+No state, no config objects, no in-place edits of inputs, no host syncs: stats are detached 0-dim
+tensors. Shapes: B batch, T tokens, A response tokens, V vocabulary. `mask` is 1 on real response
+tokens. Losses are token-weighted masked means; `normalizer` replaces the local token count with the
+global one of an accumulated, multi-process batch, so that summing per-micro-batch losses gives the
+mean over the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# masked reductions
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Σ x·mask (over `dim`, or everything)."""
+    prod = x * mask.to(x.dtype)
+    return prod.sum() if dim is None else prod.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, normalizer: float | Tensor | None = None) -> Tensor:
+    """Σ x·mask / Σ mask, token-weighted. `normalizer` (a global token count) replaces Σ mask.
+
+    An empty mask gives 0, not NaN (the count is clamped to 1 only when it is 0).
+    """
+    total = masked_sum(x, mask, dim)
+    if normalizer is not None:
+        return total / normalizer
+    count = mask.to(x.dtype).sum() if dim is None else mask.to(x.dtype).sum(dim)
+    return total / count.clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked entries (Bessel-corrected when `unbiased`)."""
+    mean = masked_mean(x, mask)
+    count = mask.to(x.dtype).sum()
+    var = masked_sum((x - mean) ** 2, mask) / count.clamp(min=1)
+    if unbiased:
+        var = var * count / (count - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  mean: float | Tensor | None = None, var: float | Tensor | None = None) -> Tensor:
+    """(x − mean) / sqrt(var + eps) over masked entries; 0 at masked-out positions.
+
+    `mean`/`var` may be given (globally reduced over processes); otherwise they are computed here.
+    With `shift_mean=False` the mean is added back (only the scale changes).
+    """
+    mean = masked_mean(x, mask) if mean is None else torch.as_tensor(mean, dtype=x.dtype, device=x.device)
+    var = masked_var(x, mask) if var is None else torch.as_tensor(var, dtype=x.dtype, device=x.device)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probabilities and entropy
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature) at `labels`. (B, T, V), (B, T) -> (B, T) float32.
+
+    Computed as gathered logit − logsumexp, so no full (B, T, V) log-softmax copy is kept.
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    picked = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(z, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """H = logsumexp(z) − Σ softmax(z)·z per position. (B, A, V) -> (B, A)."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+def sequence_logps(logprobs: Tensor, mask: Tensor, average: bool = False) -> Tensor:
+    """Σ_t logp_t·mask_t per row (or the per-token mean with `average`, as IPO uses). (B, T) -> (B,)"""
+    total = masked_sum(logprobs, mask, dim=-1)
+    if average:
+        return total / mask.to(logprobs.dtype).sum(-1).clamp(min=1)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# KL penalty and rewards (Stiennon et al. 2020, Ouyang et al. 2022: r_t = −β·KL_t, + score at the end)
+
+
+def _k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    # k1 = log π(y) − log π_ref(y): unbiased for KL(π‖π_ref) under samples of π, can be negative
+    return logprobs - ref_logprobs
+
+
+def _k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    # k3 = (r − 1) − log r, r = π_ref/π: unbiased, always ≥ 0, low variance (Schulman 2020, "Approximating KL")
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _k1, "k3": _k3}
+
+
+def per_token_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token KL estimate between the policy and the reference. (B, A), (B, A) -> (B, A)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last 1 in each row of a right-padded mask. (B, A) -> (B,) (0 for an empty row)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * (mask > 0).long()).argmax(-1)
+
+
+def kl_penalized_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> tuple[Tensor, dict]:
+    """r_t = −kl_coef·kl_t on response tokens, plus the score at each row's last response token.
+
+    scores (B,), kl (B, A), mask (B, A) -> rewards (B, A). A row with an empty mask gets no score.
+    """
+    m = mask.to(kl.dtype)
+    non_score = -kl_coef * kl * m
+    has_tokens = m.sum(-1) > 0
+    last = last_token_index(m)
+    bonus = torch.zeros_like(non_score).scatter(1, last[:, None], (scores.to(kl.dtype) * has_tokens)[:, None])
+    rewards = non_score + bonus
+    stats = {"objective/kl": (kl * m).sum(-1).mean().detach(),
+             "objective/non_score_reward": non_score.sum(-1).mean().detach(),
+             "objective/score": scores.float().mean().detach()}
+    return rewards, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# advantages (Schulman et al. 2016, GAE, eq. 16)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float) -> tuple[Tensor, Tensor]:
+    """δ_t = r_t + γ·V_{t+1} − V_t;  Â_t = δ_t + γλ·Â_{t+1};  returns = Â + V. All (B, A).
+
+    Only response tokens count: V after a row's last real token is 0 (the episode ended), masked
+    positions get advantage and return 0. Right-padded rows of different lengths are fine.
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    rewards = rewards * m
+    length = rewards.shape[-1]
+    advantages = torch.zeros_like(rewards)
+    last_adv = torch.zeros_like(rewards[:, 0])
+    # plain loop over time, vectorised over the batch:
+    # for t in reversed(range(A)): delta = r[t] + γ V[t+1] m[t+1] − V[t]; A[t] = delta + γλ A[t+1] m[t+1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last_adv)
+        next_mask = m[:, t + 1] if t + 1 < length else torch.zeros_like(last_adv)
+        delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]
+        last_adv = (delta + gamma * gae_lambda * last_adv * next_mask) * m[:, t]
+        advantages[:, t] = last_adv
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 − Var[R − V] / Var[R] over masked tokens (1 = perfect critic; 0 when Var[R] is 0)."""
+    var_r = masked_var(returns, mask, unbiased=False)
+    var_res = masked_var(returns - values, mask, unbiased=False)
+    return torch.where(var_r > 0, 1 - var_res / var_r.clamp(min=1e-12), torch.zeros_like(var_r)).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO losses (Schulman et al. 2017, eq. 7 and the clipped value loss of the PPO2 baselines)
+
+
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+                    normalizer: float | Tensor | None = None, max_log_ratio: float = 20.0) -> tuple[Tensor, dict]:
+    """L = masked mean of max(−Â·ρ, −Â·clip(ρ, 1−ε, 1+ε)),  ρ = exp(logp − old_logp). All (B, A).
+
+    The log-ratio is clamped to ±max_log_ratio before exp so a ratio explosion gives a large but finite
+    loss; clamped tokens are counted in `policy/ratio_clamped`.
+    Stats (local to this micro-batch): `loss/policy`, `policy/clipfrac` (share of tokens where the
+    clipped term is active), `policy/approx_kl` (mean ½(logp − old_logp)²), `policy/ratio_mean`,
+    `policy/ratio_max`, `policy/ratio_clamped`.
+    """
+    m = mask.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs
+    clamped = (log_ratio.abs() > max_log_ratio) & (m > 0)
+    ratio = torch.exp(log_ratio.clamp(-max_log_ratio, max_log_ratio))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), m, normalizer=normalizer)
+    with torch.no_grad():
+        stats = {
+            "loss/policy": loss.detach(),
+            "policy/clipfrac": masked_mean((clipped > unclipped).to(m.dtype), m),
+            "policy/approx_kl": masked_mean(0.5 * log_ratio ** 2, m),
+            "policy/ratio_mean": masked_mean(ratio, m),
+            "policy/ratio_max": (ratio * m).max() if m.numel() else torch.zeros(()),
+            "policy/ratio_clamped": clamped.sum().to(m.dtype),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float,
+                   normalizer: float | Tensor | None = None) -> tuple[Tensor, dict]:
+    """L_V = ½ · masked mean of max((V − R)², (clip(V, V_old ± ε_v) − R)²). All (B, A)."""
+    m = mask.to(values.dtype)
+    clipped_values = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+    err = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), m, normalizer=normalizer)
+    with torch.no_grad():
+        stats = {"loss/value": loss.detach(), "value/clipfrac": masked_mean((err_clipped > err).to(m.dtype), m),
+                 "value/mean": masked_mean(values, m)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# preference losses
+
+
+def pairwise_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None,
+                  center_coef: float = 0.0) -> tuple[Tensor, dict]:
+    """Bradley–Terry: −log σ(r_c − r_r − margin), mean over pairs; + center_coef·mean((r_c + r_r)²)
+    (reward centering, Eisenstein et al. 2023). (B,), (B,) -> scalar. Ties count as wrong in accuracy."""
+    diff = chosen_rewards.float() - rejected_rewards.float()
+    if margin is not None:
+        diff = diff - margin.float()
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen_rewards.float() + rejected_rewards.float()) ** 2).mean()
+    both = torch.cat([chosen_rewards, rejected_rewards]).float().detach()
+    stats = {"loss/pairwise": loss.detach(),
+             "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().detach(),
+             "rewards/margin": (chosen_rewards - rejected_rewards).float().mean().detach(),
+             "rewards/chosen": chosen_rewards.float().mean().detach(),
+             "rewards/rejected": rejected_rewards.float().mean().detach(),
+             "rewards/mean": both.mean(), "rewards/std": both.std(unbiased=False)}
+    return loss, stats
+
+
+def _dpo_sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # DPO (Rafailov et al. 2023, eq. 7); conservative DPO with label smoothing ε (Mitchell 2023)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def _dpo_ipo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # IPO (Azar et al. 2023, eq. 17): regress the log-ratio gap to 1/(2β)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {"sigmoid": _dpo_sigmoid, "ipo": _dpo_ipo}
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[Tensor, dict]:
+    """h = (π_c − ref_c) − (π_r − ref_r); loss per `loss_type`, mean over B. Inputs (B,) summed logps
+    (per-token averaged for `ipo`)."""
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(DPO_LOSSES)}")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError("label_smoothing applies to the sigmoid loss only")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    loss = DPO_LOSSES[loss_type](h, beta, label_smoothing).mean()
+    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    stats = {"loss/dpo": loss.detach(), "rewards/chosen": chosen_reward.mean(),
+             "rewards/rejected": rejected_reward.mean(),
+             "rewards/accuracy": (chosen_reward > rejected_reward).float().mean(),
+             "rewards/margin": (chosen_reward - rejected_reward).mean(),
+             "logps/chosen": policy_chosen_logps.detach().mean(), "logps/rejected": policy_rejected_logps.detach().mean()}
+    return loss, stats

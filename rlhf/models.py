@@ -1,0 +1,400 @@
+"""Loading checkpoints (one function for every stage), tokenizer pad handling, LoRA, scalar heads.
+
+A model reference is one of:
+  - a run folder of an earlier stage (has manifest.json): its `model/` holds a full model or a peft
+    adapter; an adapter is applied to its parent (recursively) and merged, so the result is the
+    model that stage trained;
+  - a local Hugging Face folder;
+  - a hub id (`org/name`, optional revision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, PreTrainedTokenizerBase)
+
+from rlhf.artifacts import read_manifest
+from rlhf.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DEFAULT_PAD = "<|pad|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+
+
+def looks_like_path(spec: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else that does not exist is a missing path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
+
+
+def model_dir(spec: str, key: str) -> tuple[str, dict | None]:
+    """Where the weights of `spec` are: (folder or hub id, manifest of the run folder or None)."""
+    path = Path(spec).expanduser()
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is not None:
+        if not (path / "model").is_dir():
+            raise UserError(f"run folder {spec} has no model/ (stage '{manifest.get('stage')}')", None, key)
+        return str(path / "model"), manifest
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise UserError(f"{spec} is neither a run folder nor a Hugging Face model folder", None, key)
+        return str(path), None
+    if looks_like_path(spec) or path.suffix in (".yaml", ".json", ".safetensors"):
+        raise UserError(f"model path {spec} not found", None, key)
+    return spec, None  # a hub id
+
+
+def _hub_error(spec: str, err: Exception, key: str) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"cannot load '{spec}': {first}", None, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def load_tokenizer(spec: str, key: str = "model.name_or_path", pad_token: str | None = None,
+                   revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Tokenizer of a model reference with a dedicated pad token (never silently pad = eos).
+
+    No pad token -> `pad_token` (or '<|pad|>') is added. Pad equal to EOS -> an error unless the recipe
+    names a pad token to add: masking by pad id would also hide EOS, and the reward head would read the
+    wrong token. Added tokens require `resize_embeddings` on the model (the loaders do it).
+    """
+    where, _ = model_dir(spec, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(spec, err, key) from None
+    if tok.eos_token is None:
+        raise UserError(f"tokenizer of {spec} has no EOS token; responses could never end", None, key)
+    pad_key = key.rsplit(".", 1)[0] + ".pad_token" if "." in key else "pad_token"
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": pad_token or DEFAULT_PAD})
+    elif tok.pad_token_id == tok.eos_token_id:
+        if pad_token is None:
+            raise UserError(f"the tokenizer of {spec} pads with its EOS token {tok.eos_token!r}; set "
+                            f"{pad_token_key_hint(pad_key)} to add a dedicated pad token", None, pad_key)
+        tok.add_special_tokens({"pad_token": pad_token})
+    if tok.pad_token_id == tok.eos_token_id:
+        raise UserError(f"pad token {tok.pad_token!r} is the EOS token", None, pad_key)
+    return tok
+
+
+def pad_token_key_hint(key: str) -> str:
+    return f"{key}='{DEFAULT_PAD}'"
+
+
+def resize_embeddings(model: nn.Module, vocab: int) -> None:
+    """Grow the embeddings to `vocab` rows; new rows = mean of the old ones (deterministic, so a
+    reloaded adapter sees exactly the same base)."""
+    emb = model.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if vocab <= old:
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None}.values():
+            w = layer.weight
+            if w.shape[0] == vocab:
+                w[old:] = w[:old].mean(0, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def _from_pretrained(cls, where: str, spec: str, key: str, dtype, revision=None, trust_remote_code=False,
+                     attn_implementation=None, quantization_config=None, **kw):
+    kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=None, **kw)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        return cls.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error(spec, err, key) from None
+
+
+def model_info(spec: str, key: str) -> dict:
+    """{'kind': 'full'|'adapter', 'task': 'causal_lm'|'seq_cls', 'base': parent spec} of a reference."""
+    where, manifest = model_dir(spec, key)
+    if manifest is not None:
+        return manifest.get("model_info", {"kind": "full", "task": "causal_lm"})
+    if Path(where, "adapter_config.json").is_file():
+        import json
+
+        cfg = json.loads(Path(where, "adapter_config.json").read_text())
+        task = "seq_cls" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+        return {"kind": "adapter", "task": task, "base": cfg.get("base_model_name_or_path")}
+    config = Path(where, "config.json")
+    if config.is_file():
+        import json
+
+        archs = json.loads(config.read_text()).get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            return {"kind": "full", "task": "seq_cls"}
+    return {"kind": "full", "task": "causal_lm"}
+
+
+def load_model(spec: str, key: str = "model.name_or_path", *, task: str = "causal_lm", dtype: str = "float32",
+               revision: str | None = None, trust_remote_code: bool = False, attn_implementation: str | None = None,
+               vocab: int | None = None, quantize_4bit: bool = False) -> nn.Module:
+    """Load any model reference as a plain transformers model (adapters merged, in `dtype`).
+
+    task 'causal_lm' gives AutoModelForCausalLM; 'seq_cls' gives AutoModelForSequenceClassification with
+    one label (a reward model as saved by the rm stage, or a causal LM given a new zero-initialised head).
+    `vocab`: resize embeddings to the tokenizer's length.
+    """
+    where, manifest = model_dir(spec, key)
+    info = model_info(spec, key)
+    torch_dtype = DTYPES[dtype]
+    if info["kind"] == "adapter":
+        if quantize_4bit:
+            raise UserError(f"{spec} is a LoRA adapter; 4-bit (QLoRA) loading needs a full model: run "
+                            f"`rlhf export` on it first and point to the export", None, key)
+        from peft import PeftModel
+
+        base = load_model(info["base"], key, task=info.get("task", "causal_lm"), dtype="float32",
+                          trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+        tok_vocab = len(AutoTokenizer.from_pretrained(where))
+        resize_embeddings(base, tok_vocab)
+        # merge in float32, then cast: merging in bf16 would round the LoRA update away
+        model = PeftModel.from_pretrained(base, where).merge_and_unload()
+        if torch_dtype not in ("auto", torch.float32):
+            model = model.to(torch_dtype)
+    else:
+        qcfg = _qlora_config(key) if quantize_4bit else None
+        saved_task = info.get("task", "causal_lm")
+        cls = AutoModelForSequenceClassification if saved_task == "seq_cls" else AutoModelForCausalLM
+        extra = {"num_labels": 1} if saved_task == "seq_cls" else {}
+        model = _from_pretrained(cls, where, spec, key, torch_dtype, revision, trust_remote_code,
+                                 attn_implementation, qcfg, **extra)
+    if info.get("task", "causal_lm") != task:
+        if task == "causal_lm":
+            raise UserError(f"{spec} is a reward/value model, not a language model", None, key)
+        model = causal_to_scalar(model)
+    if vocab is not None:
+        resize_embeddings(model, vocab)
+    return model
+
+
+def _qlora_config(key: str):
+    if not torch.cuda.is_available():
+        raise UserError("4-bit QLoRA needs a CUDA GPU (bitsandbytes); use quantization: none on CPU", None,
+                        "lora.quantization")
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("4-bit QLoRA needs bitsandbytes: pip install 'rlhf[qlora]'", None,
+                        "lora.quantization") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def causal_to_scalar(causal: nn.Module) -> nn.Module:
+    """A sequence-classification model (one label) sharing the causal LM's backbone weights.
+
+    The new head starts at zero, so every score and value is 0 before training (a neutral start for
+    a critic; the reward model learns it).
+    """
+    config = AutoConfig.for_model(**causal.config.to_dict())
+    config.num_labels = 1
+    config.architectures = None
+    prefix = causal.base_model_prefix
+    seq = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+    getattr(seq, prefix).load_state_dict(getattr(causal, prefix).state_dict())
+    with torch.no_grad():
+        head = seq.score
+        head.weight.zero_()
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
+    return seq
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/peft wrappers (LoRA layers stay injected)."""
+    while hasattr(model, "module") and not hasattr(model, "base_model_prefix"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+class ScalarHead(nn.Module):
+    """Backbone + linear head: one float32 number per token (reward model and critic).
+
+    Wraps a (peft-wrapped or plain) sequence-classification model so that DDP sees one forward.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids=None):  # (B, T) -> (B, T)
+        hf = hf_model(self.model)
+        backbone = getattr(hf, hf.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # (B, T, H)
+        return hf.score(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real (non-pad) token of each row, for left or right padding. (B, T) -> (B,)"""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on the first real token (left padding gets position 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def apply_lora(model: nn.Module, lora, task: str = "causal_lm") -> nn.Module:
+    """Wrap `model` with a fresh LoRA adapter; for scalar models the head is always trained."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, modules_to_save=list(lora.modules_to_save) or None,
+        task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM,
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:
+        msg = str(err).splitlines()[0]
+        raise UserError(f"{lora.target_modules!r} matches no module of the model ({msg})", None,
+                        "lora.target_modules") from None
+    if task == "seq_cls":
+        for name, p in peft_model.named_parameters():
+            if ".score." in name and "modules_to_save" in name:
+                p.requires_grad_(True)
+    return peft_model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def set_dropout_off(*models: nn.Module) -> None:
+    """eval() mode: no dropout (PPO needs logprobs that match between rollout and update)."""
+    for m in models:
+        m.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str | None = None) -> dict:
+    """Write `path` as an HF folder: a peft adapter (its `base_model_name_or_path` = `base`) or a full
+    model, plus the tokenizer and a generation config with pad != eos. Returns the manifest's
+    `model_info`. Call on every process (FSDP/ZeRO-3 gather the weights collectively)."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    state = None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        state = accelerator.get_state_dict(model)  # gathered full weights (collective)
+    if isinstance(unwrapped, ScalarHead):
+        unwrapped = unwrapped.model
+        state = {k[len("model."):]: v for k, v in state.items()} if state is not None else None
+    is_adapter = hasattr(unwrapped, "peft_config")
+    hf = hf_model(unwrapped)
+    task = "seq_cls" if hasattr(hf, "score") and not hasattr(hf, "lm_head") else "causal_lm"
+    info = {"kind": "adapter" if is_adapter else "full", "task": task}
+    if accelerator.is_main_process:
+        info["fingerprint"] = fingerprint(unwrapped, tokenizer)
+        path.mkdir(parents=True, exist_ok=True)
+        if is_adapter:
+            info["base"] = str(Path(base).resolve()) if base and Path(base).exists() else base
+            unwrapped.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
+            cfg_path = path / "adapter_config.json"
+            import json
+
+            cfg = json.loads(cfg_path.read_text())
+            base_dir, _ = model_dir(base, "model.name_or_path") if base else (None, None)
+            # plain peft loads the adapter onto this folder (a full model unless the parent is an adapter too)
+            cfg["base_model_name_or_path"] = str(Path(base_dir).resolve()) if base_dir and Path(base_dir).exists() \
+                else base_dir
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+        else:
+            unwrapped.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(path))
+        gen = getattr(hf, "generation_config", None)
+        if task == "causal_lm" and gen is not None:
+            gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+            if tokenizer.bos_token_id is not None:
+                gen.bos_token_id = tokenizer.bos_token_id
+            gen.save_pretrained(str(path))
+        verify_model_dir(path, info)
+    accelerator.wait_for_everyone()
+    return info
+
+
+def fingerprint(model: nn.Module, tokenizer, width: int = 8) -> dict:
+    """Outputs of the in-memory model on a fixed probe, stored in the manifest: reloading the saved
+    files must reproduce them (tests and `verify` compare). Causal LMs: the first `width` logits at
+    the last position; scalar models: the value at every position."""
+    ids = [t for t in range(3, 3 + 12) if t < len(tokenizer)]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        hf = hf_model(model)
+        if hasattr(hf, "score") and not hasattr(hf, "lm_head"):
+            values = ScalarHead(model)(x, torch.ones_like(x))[0].tolist()
+        else:
+            values = model(input_ids=x).logits[0, -1, :width].float().tolist()
+    model.train(was_training)
+    return {"input_ids": ids, "values": values}
+
+
+def verify_model_dir(path: Path, info: dict) -> None:
+    """Reload what was written: tensors present, non-empty and finite; config and tokenizer load."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"{path}: no safetensors weights were written")
+    count = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.numel() == 0 or (t.is_floating_point() and not torch.isfinite(t).all()):
+                    raise RuntimeError(f"{file}: tensor {name} is empty or not finite")
+                count += 1
+    if count == 0:
+        raise RuntimeError(f"{path}: the weights file holds no tensors")
+    AutoTokenizer.from_pretrained(str(path))
+    if info["kind"] == "full":
+        AutoConfig.from_pretrained(str(path))

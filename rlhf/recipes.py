@@ -1,0 +1,403 @@
+"""Recipe schemas: one dataclass per section, one recipe class per stage.
+
+Every field carries a one-line help (`rlhf STAGE --help` prints them all). `load_recipe` reads a YAML
+file, applies `dotted.key=value` overrides, checks every key and computes the derived batch figures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from rlhf.config import apply_overrides, build, opt, read_yaml, req, section, to_dict
+from rlhf.errors import RecipeError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared sections
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    name_or_path: str = req("starting checkpoint: a run folder of an earlier stage, a local HF folder or a hub id")
+    revision: Optional[str] = opt(None, "hub revision (branch, tag or commit) when name_or_path is a hub id")
+    dtype: Dtype = opt("float32", "dtype the weights are loaded in (trainable LoRA weights always stay float32)")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run; off unless you trust the repo")
+    pad_token: Optional[str] = opt(None, "pad token to add when the tokenizer has none or pads with EOS")
+    attn_implementation: Optional[str] = opt(None, "'sdpa', 'eager' or 'flash_attention_2'; null = default")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+
+
+@dataclass(kw_only=True)
+class LoraSection:
+    r: int = opt(8, "LoRA rank", gt=0)
+    alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r)", gt=0)
+    dropout: float = opt(0.05, "dropout on the LoRA input (off during PPO: all models run in eval mode)", ge=0, lt=1)
+    target_modules: Union[str, list[str]] = opt("all-linear", "module names to adapt, or 'all-linear'")
+    modules_to_save: list[str] = opt([], "extra modules trained in full and saved with the adapter")
+    quantization: Literal["none", "4bit"] = opt("none", "'4bit' = QLoRA: frozen base in NF4 via bitsandbytes (GPU)")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    epochs: float = opt(1.0, "passes over the training data (PPO: over the prompts)", gt=0)
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (PPO: iterations)", gt=0)
+    batch_size: int = opt(32, "examples per optimizer step over all processes (PPO: per minibatch)", gt=0)
+    micro_batch_size: int = opt(8, "examples per forward/backward on one device", gt=0)
+    lr: float = opt(2e-4, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay", ge=0)
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "LR schedule after warmup")
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up linearly", ge=0, lt=1)
+    max_grad_norm: Optional[float] = opt(1.0, "clip the global gradient norm (null = no clipping)", gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "autocast; auto = bf16 on a GPU that has it")
+    eval_every: int = opt(0, "evaluate on the held-out split every N steps (0 = at the end only)", ge=0)
+    log_every: int = opt(1, "write metrics every N steps", gt=0)
+    save_every: int = opt(0, "write a resumable checkpoint every N steps (0 = never)", ge=0)
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", gt=0)
+    on_nonfinite: Literal["skip", "stop"] = opt("skip", "non-finite loss/gradient: skip the step or stop the run")
+    max_nonfinite: int = opt(20, "stop once this many steps have been skipped as non-finite", ge=0)
+
+    def validate(self) -> None:
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise RecipeError(f"expected two numbers in [0, 1), got {self.adam_betas}", key="adam_betas")
+
+
+@dataclass(kw_only=True)
+class GenerateSection:
+    max_new_tokens: int = opt(64, "tokens generated per response at most", gt=0)
+    temperature: float = opt(1.0, "sampling temperature (0 = greedy); logprobs use the same temperature", ge=0)
+    top_k: int = opt(0, "keep the k most likely tokens (0 = off)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", gt=0, le=1)
+    batch_size: int = opt(32, "prompts per generate call", gt=0)
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    train: str = req("training data: a .json/.jsonl/.parquet file, a folder of them, or a hub dataset id")
+    eval: Optional[str] = opt(None, "held-out data in the same forms; null = split eval_fraction off train")
+    eval_fraction: float = opt(0.0, "fraction of train held out when `eval` is null", ge=0, lt=1)
+    split: str = opt("train", "split of `train` for hub datasets")
+    eval_split: Optional[str] = opt(None, "split of `eval` for hub datasets (null = `split`)")
+    template: str = opt("alpaca", "prompt template: a name in data_formats/templates or a .json file")
+    skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    max_records: Optional[int] = opt(None, "use only the first N training records", gt=0)
+
+
+@dataclass(kw_only=True)
+class SFTData(DataSection):
+    max_len: int = opt(512, "tokens per example (prompt is cut first; never the whole response)", gt=1)
+    train_on_prompt: bool = opt(False, "compute the loss on prompt tokens too")
+    packing: bool = opt(False, "pack several examples per row without cross-attention (padding-free)")
+
+
+@dataclass(kw_only=True)
+class PreferenceData(DataSection):
+    format: Literal["auto", "pairwise", "hh"] = opt("auto", "'hh' = Anthropic HH-RLHF transcripts; auto detects")
+    max_len: int = opt(512, "tokens per prompt+response", gt=1)
+    max_prompt_len: int = opt(256, "prompt tokens kept (left-truncated)", gt=0)
+
+
+@dataclass(kw_only=True)
+class PromptData(DataSection):
+    max_prompt_len: int = opt(256, "prompt tokens kept (left-truncated)", gt=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage-specific sections
+
+
+@dataclass(kw_only=True)
+class ArchSection:
+    hidden_size: int = opt(256, "model width", gt=0)
+    intermediate_size: int = opt(688, "MLP width", gt=0)
+    num_layers: int = opt(4, "transformer blocks", gt=0)
+    num_heads: int = opt(4, "attention heads", gt=0)
+    num_kv_heads: Optional[int] = opt(None, "key/value heads (grouped-query attention); null = num_heads", gt=0)
+    max_position_embeddings: int = opt(512, "longest sequence the model handles", gt=0)
+    rope_theta: float = opt(10000.0, "RoPE base", gt=0)
+    tie_word_embeddings: bool = opt(True, "share input and output embeddings")
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise RecipeError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+                              key="num_heads")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise RecipeError("num_heads must be a multiple of num_kv_heads", key="num_kv_heads")
+
+
+@dataclass(kw_only=True)
+class TokenizerSection:
+    vocab_size: int = opt(2048, "byte-level BPE vocabulary size (special tokens included)", ge=300)
+    min_frequency: int = opt(2, "merges need at least this many occurrences", gt=0)
+    existing: Optional[str] = opt(None, "use this tokenizer (folder or hub id) instead of training one")
+
+
+@dataclass(kw_only=True)
+class CorpusData:
+    train: list[str] = req("text corpus: .txt files (one document per blank-line block) or .jsonl with 'text'")
+    eval_fraction: float = opt(0.02, "fraction of documents held out for perplexity", ge=0, lt=1)
+    max_len: int = opt(256, "tokens per training row (documents are concatenated and cut)", gt=1)
+
+
+@dataclass(kw_only=True)
+class RMSection:
+    center_coef: float = opt(0.0, "reward centering: + coef * mean((r_c + r_r)^2)", ge=0)
+    norm_split: Literal["eval", "train"] = opt("eval", "completions whose scores fit the stored mean/std")
+
+
+@dataclass(kw_only=True)
+class PPOSection:
+    reward_model: str = req("an `rm` run folder (or HF sequence-classification model) scoring prompt+response")
+    rollout_batch_size: int = opt(64, "prompts sampled per iteration over all processes", gt=0)
+    ppo_epochs: int = opt(4, "passes (K) over each rollout batch", gt=0)
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    gae_lambda: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    clip_range: float = opt(0.2, "policy ratio clip epsilon", gt=0)
+    clip_range_value: float = opt(0.2, "value clip epsilon around the rollout values", gt=0)
+    vf_coef: float = opt(0.1, "value loss weight in the total loss", ge=0)
+    entropy_coef: float = opt(0.0, "entropy bonus weight", ge=0)
+    kl_coef: float = opt(0.05, "initial per-token KL penalty weight", ge=0)
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "per-token KL estimator in the reward")
+    kl_control: Literal["fixed", "adaptive"] = opt("fixed", "keep kl_coef fixed or adapt it towards kl_target")
+    kl_target: float = opt(6.0, "adaptive control: target KL per response (nats)", gt=0)
+    kl_horizon: int = opt(10000, "adaptive control: horizon in episodes", gt=0)
+    target_kl: Optional[float] = opt(None, "stop the K epochs early when approx KL exceeds this", gt=0)
+    whiten_advantages: bool = opt(True, "whiten advantages over the (global) batch")
+    normalize_reward: bool = opt(True, "use the rm stage's stored mean/std to normalise scores")
+    reward_clip: Optional[float] = opt(10.0, "clip (normalised) scores to +-this", gt=0)
+    missing_eos_penalty: Optional[float] = opt(1.0, "subtracted from the score of responses without EOS", ge=0)
+    critic_init: Literal["reward", "actor"] = opt("reward", "critic backbone: the reward model or the SFT model")
+    critic_lr: Optional[float] = opt(None, "critic learning rate (null = train.lr)", gt=0)
+    max_log_ratio: float = opt(20.0, "clamp |logp - old_logp| before exp (counted in policy/ratio_clamped)", gt=0)
+    gold_prompts: Optional[str] = opt(None, "prompts with gold answers (task suite) for the over-optimisation monitor")
+    gold_every: int = opt(0, "evaluate gold accuracy every N iterations (0 = off)", ge=0)
+    gold_count: int = opt(64, "gold prompts per evaluation", gt=0)
+
+
+@dataclass(kw_only=True)
+class DPOSection:
+    beta: float = opt(0.1, "KL strength beta", gt=0)
+    loss_type: Literal["sigmoid", "ipo"] = opt("sigmoid", "sigmoid = DPO; ipo = IPO on length-normalised logps")
+    label_smoothing: float = opt(0.0, "conservative DPO: assumed label-flip probability", ge=0, lt=0.5)
+    sft_coef: float = opt(0.0, "weight of an SFT (NLL per token) term on chosen responses", ge=0)
+    precompute_ref: bool = opt(False, "compute reference logps once before training (one model in memory)")
+    reference: Optional[str] = opt(None, "reference model; null = the policy's starting model")
+
+
+@dataclass(kw_only=True)
+class EvalSection:
+    models: dict[str, str] = req("name -> run folder / HF folder / hub id of each policy to evaluate")
+    prompts: str = req("held-out prompts (prompt-only or Alpaca records; 'answer'+'task' enable gold scoring)")
+    template: str = opt("alpaca", "prompt template for Alpaca-style records")
+    reward_model: Optional[str] = opt(None, "rm run folder: report the mean reward-model score")
+    reference: Optional[str] = opt(None, "model the KL is measured against (usually the SFT run)")
+    max_prompts: int = opt(256, "prompts evaluated at most", gt=0)
+    max_prompt_len: int = opt(256, "prompt tokens kept", gt=0)
+    samples_shown: int = opt(4, "sample completions per model in the report", ge=0)
+    greedy: bool = opt(True, "also report greedy-decoding gold accuracy")
+    dtype: Dtype = opt("float32", "dtype models are loaded in")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+
+
+@dataclass(kw_only=True)
+class ExportSection:
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("bfloat16", "dtype of the exported weights")
+    max_shard_size: str = opt("5GB", "largest safetensors shard")
+    parity_prompts: Optional[str] = opt(None, "prompts for the parity check (null = built-in ones)")
+    parity_count: int = opt(4, "prompts in the parity check", gt=0)
+    parity_new_tokens: int = opt(16, "greedy tokens compared in the parity check", gt=0)
+    push_to_hub: bool = opt(False, "upload the exported folder with huggingface_hub")
+    hub_repo_id: Optional[str] = opt(None, "target repo, e.g. user/model-name")
+    private: bool = opt(True, "create the hub repo as private")
+    revision: Optional[str] = opt(None, "hub branch to push to (null = main)")
+    commit_message: str = opt("Upload model exported by rlhf", "hub commit message")
+    intended_use: str = opt("Research on RLHF post-training; not evaluated for safety or deployment.",
+                            "model card: intended use")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+
+    def validate(self) -> None:
+        if self.push_to_hub and not self.hub_repo_id:
+            raise RecipeError("push_to_hub is true but no hub_repo_id is set", key="hub_repo_id")
+
+
+@dataclass(kw_only=True)
+class TaskSuiteSection:
+    families: list[str] = opt(["reverse", "sort", "upper", "max"], "task families to generate")
+    min_items: int = opt(3, "shortest list in a task", gt=0)
+    max_items: int = opt(5, "longest list in a task", gt=0)
+    alphabet: str = opt("abcdefghij", "letters used in lists")
+    sft_records: int = opt(2000, "Alpaca SFT training records", gt=0)
+    sft_noise: float = opt(0.3, "fraction of SFT answers replaced by a plausible wrong one", ge=0, lt=1)
+    preference_records: int = opt(2000, "pairwise preference records (chosen correct, rejected wrong)", gt=0)
+    prompt_records: int = opt(1000, "prompt-only records for PPO rollouts", gt=0)
+    eval_records: int = opt(200, "held-out records for each eval split", gt=0)
+    corpus_documents: int = opt(20000, "pretraining corpus documents", gt=0)
+
+    def validate(self) -> None:
+        if self.max_items < self.min_items:
+            raise RecipeError("max_items must be at least min_items", key="max_items")
+
+
+# ---------------------------------------------------------------------------------------------
+# stage recipes
+
+
+@dataclass(kw_only=True)
+class _Recipe:
+    stage: str = req("the stage this recipe is for")
+    output_dir: str = req("run folder to write (created when the stage finishes)")
+    seed: int = opt(0, "seed for python, numpy and torch")
+    resume: Optional[bool] = opt(None, "null = resume if a checkpoint exists; true = resume / keep a finished run; "
+                                       "false = start over")
+    overwrite: bool = opt(False, "replace a finished run folder at output_dir")
+
+
+@dataclass(kw_only=True)
+class TasksRecipe(_Recipe):
+    tasks: TaskSuiteSection = section(TaskSuiteSection, "built-in verifiable task suite")
+
+
+@dataclass(kw_only=True)
+class PretrainRecipe(_Recipe):
+    model: ArchSection = section(ArchSection, "Llama architecture of the new model")
+    tokenizer: TokenizerSection = section(TokenizerSection, "byte-level BPE tokenizer")
+    data: CorpusData = req("text corpus")
+    train: TrainSection = section(TrainSection, "optimisation and loop")
+
+
+@dataclass(kw_only=True)
+class SFTRecipe(_Recipe):
+    model: ModelSection = req("base model")
+    lora: Optional[LoraSection] = section(LoraSection, "LoRA adapter (null = full fine-tuning)")
+    data: SFTData = req("Alpaca instruction data")
+    train: TrainSection = section(TrainSection, "optimisation and loop")
+    generate: GenerateSection = opt(GenerateSection(temperature=0.0, max_new_tokens=64),
+                                    "decoding of the sample table written at the end")
+    samples: int = opt(4, "eval prompts in the sample table", ge=0)
+
+
+@dataclass(kw_only=True)
+class RMRecipe(_Recipe):
+    model: ModelSection = req("backbone (usually the sft run folder)")
+    lora: Optional[LoraSection] = section(LoraSection, "LoRA adapter (null = full fine-tuning); head always trained")
+    data: PreferenceData = req("pairwise preference data")
+    train: TrainSection = section(TrainSection, "optimisation and loop")
+    rm: RMSection = section(RMSection, "reward-model options")
+
+
+@dataclass(kw_only=True)
+class PPORecipe(_Recipe):
+    model: ModelSection = req("actor initialisation (usually the sft run folder)")
+    lora: Optional[LoraSection] = section(LoraSection, "LoRA for actor and critic (null = full fine-tuning)")
+    data: PromptData = req("rollout prompts")
+    train: TrainSection = section(TrainSection, "optimisation and loop")
+    generate: GenerateSection = section(GenerateSection, "rollout sampling")
+    ppo: PPOSection = req("PPO hyper-parameters")
+
+
+@dataclass(kw_only=True)
+class DPORecipe(_Recipe):
+    model: ModelSection = req("policy initialisation (usually the sft run folder)")
+    lora: Optional[LoraSection] = section(LoraSection, "LoRA adapter (null = full fine-tuning)")
+    data: PreferenceData = req("pairwise preference data")
+    train: TrainSection = section(TrainSection, "optimisation and loop")
+    dpo: DPOSection = section(DPOSection, "DPO options")
+
+
+@dataclass(kw_only=True)
+class EvalRecipe(_Recipe):
+    eval: EvalSection = req("what to evaluate")
+    generate: GenerateSection = section(GenerateSection, "sampling for the sampled gold accuracy")
+
+
+@dataclass(kw_only=True)
+class ExportRecipe(_Recipe):
+    source: str = req("run folder (or HF folder) to export")
+    export: ExportSection = section(ExportSection, "export options")
+
+
+RECIPES: dict[str, type] = {
+    "tasks": TasksRecipe, "pretrain": PretrainRecipe, "sft": SFTRecipe, "rm": RMRecipe,
+    "ppo": PPORecipe, "dpo": DPORecipe, "eval": EvalRecipe, "export": ExportRecipe,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def world_size() -> int:
+    """Processes in this launch (accelerate/torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_recipe(path: str | Path, stage: str | None = None, overrides: list[str] | None = None,
+                processes: int | None = None):
+    """Read, override and check a recipe. `stage` None = take it from the file (for `rlhf check`)."""
+    path = str(path)
+    raw = read_yaml(path)
+    file_stage = raw.get("stage")
+    if stage is None:
+        if file_stage not in RECIPES:
+            raise RecipeError(f"expected one of {', '.join(RECIPES)}, got {file_stage!r}", path, "stage")
+        stage = file_stage
+    elif file_stage is not None and file_stage != stage:
+        raise RecipeError(f"this recipe is for '{file_stage}', not '{stage}'", path, "stage")
+    raw["stage"] = stage
+    touched = apply_overrides(raw, list(overrides or []))
+    try:
+        recipe = build(RECIPES[stage], raw, path)
+        check_derived(recipe, processes or world_size())
+    except RecipeError as err:
+        if err.key and any(err.key == k or err.key.startswith(k + ".") or k.startswith(err.key + ".")
+                           for k in touched):
+            raise RecipeError(err.message, "command line", err.key) from None
+        if err.where is None:
+            raise RecipeError(err.message, path, err.key) from None
+        raise
+    return recipe
+
+
+def derived(recipe, processes: int | None = None) -> dict:
+    """Figures computed from the recipe: accumulation steps and effective batch."""
+    processes = processes or world_size()
+    train = getattr(recipe, "train", None)
+    if train is None:
+        return {"processes": processes}
+    per_step = train.micro_batch_size * processes
+    out = {"processes": processes, "micro_batch_size": train.micro_batch_size,
+           "grad_accum": max(1, train.batch_size // per_step), "effective_batch_size": train.batch_size}
+    ppo = getattr(recipe, "ppo", None)
+    if ppo is not None:
+        out["rollout_per_process"] = ppo.rollout_batch_size // processes
+        out["minibatches_per_epoch"] = ppo.rollout_batch_size // train.batch_size
+    return out
+
+
+def check_derived(recipe, processes: int) -> None:
+    train = getattr(recipe, "train", None)
+    if train is None:
+        return
+    per_step = train.micro_batch_size * processes
+    if train.batch_size % per_step:
+        raise RecipeError(
+            f"{train.batch_size} is not a multiple of micro_batch_size {train.micro_batch_size} x "
+            f"{processes} process(es) = {per_step}", key="train.batch_size")
+    ppo = getattr(recipe, "ppo", None)
+    if ppo is not None and ppo.rollout_batch_size % train.batch_size:
+        raise RecipeError(f"{ppo.rollout_batch_size} is not a multiple of train.batch_size {train.batch_size}",
+                          key="ppo.rollout_batch_size")
+    if ppo is not None and ppo.rollout_batch_size % processes:
+        raise RecipeError(f"{ppo.rollout_batch_size} is not divisible by {processes} processes",
+                          key="ppo.rollout_batch_size")
+
+
+def resolved(recipe) -> dict:
+    """The fully resolved recipe as a plain dict (what recipe.yaml and the manifest hold)."""
+    return to_dict(recipe)

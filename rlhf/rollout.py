@@ -1,0 +1,226 @@
+"""Rollout engines: sample responses for a batch of left-padded prompts.
+
+An engine is a function `(model, input_ids, attention_mask, cfg, eos_id, pad_id) -> Generation`;
+`ENGINES` maps recipe names to them, so a faster engine (vLLM, a CUDA-graph decoder) can be added
+without touching the stages. Every engine returns responses truncated after the first EOS and
+right-padded with the pad token, with a mask that is 1 on real response tokens (EOS included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    sequences: torch.Tensor  # (B, P + A) prompt (left-padded) + response (right-padded)
+    attention_mask: torch.Tensor  # (B, P + A)
+    response_mask: torch.Tensor  # (B, A) 1 on response tokens up to and including the first EOS
+    ended: torch.Tensor  # (B,) True where the response contains EOS
+    prompt_width: int  # P
+
+    @property
+    def responses(self) -> torch.Tensor:  # (B, A)
+        return self.sequences[:, self.prompt_width:]
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """Keep tokens up to and including the first EOS; pad the rest. (B, A) -> (responses, mask, ended)."""
+    is_eos = responses == eos_id
+    ended = is_eos.any(-1)
+    # position of the first EOS (A when there is none); tokens at or before it are real
+    first = torch.where(ended, is_eos.float().argmax(-1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
+    positions = torch.arange(responses.shape[1], device=responses.device)
+    mask = positions[None, :] <= first[:, None]
+    return responses.masked_fill(~mask, pad_id), mask.long(), ended
+
+
+def hf_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, static_cache: bool = False) -> Generation:
+    """transformers' `generate` (KV cache; a static, compilable cache on GPU when asked)."""
+    sample = cfg.temperature > 0
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=eos_id, pad_token_id=pad_id,
+                  suppress_tokens=[pad_id], use_cache=True)
+    if sample:
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    width = input_ids.shape[1]
+    responses, mask, ended = truncate_after_eos(out[:, width:], eos_id, pad_id)
+    if responses.shape[1] == 0:  # nothing generated at all (max_new_tokens reached instantly)
+        responses = torch.full((input_ids.shape[0], 1), pad_id, device=input_ids.device)
+        mask = torch.zeros_like(responses)
+    sequences = torch.cat([input_ids, responses], dim=1)
+    return Generation(sequences, torch.cat([attention_mask, mask], dim=1), mask, ended, width)
+
+
+# --- a seeded decoder: every row's randomness depends only on its key, not on batch or process layout ----
+
+_M31 = (1 << 31) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash (xorshift-multiply rounds; products stay below 2^62, so int64 never overflows)."""
+    for mult in (0x45D9F3B, 0x2C1B3C6D, 0x297A2D39):
+        x = ((x ^ (x >> 16)) * mult) & _M31
+    return x ^ (x >> 15)
+
+
+def row_keys(seed: int, step: int, indices: list[int] | torch.Tensor, device=None) -> torch.Tensor:
+    """One random key per example from (seed, step, example index)."""
+    idx = torch.as_tensor(indices, dtype=torch.long, device=device)
+    return _mix((idx * 0x3C6EF35 + _mix(torch.tensor(seed * 0x9E3779B + step, device=device) & _M31)) & _M31)
+
+
+def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(B,) keys -> (B, V) Gumbel(0, 1) noise, a pure function of (key, step, token id)."""
+    ids = torch.arange(vocab, device=keys.device)
+    x = _mix((keys[:, None] * 0x5851F42 + ids[None, :] * 0x14057B7 + _mix(torch.tensor(step + 1, device=keys.device)))
+             & _M31)
+    u = (x.double() + 0.5) / float(1 << 31)
+    return -torch.log(-torch.log(u)).float()
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: removed tokens get -inf. (B, V) -> (B, V)"""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def seeded_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int,
+                    keys: torch.Tensor | None = None) -> Generation:
+    """Our own KV-cached decoder with Gumbel-max sampling from hashed noise.
+
+    Each row's sample is a function of its key (and the model), so a rollout is the same whatever the
+    batch size, chunking or number of processes: 1-process and N-process PPO runs see the same samples.
+    Finished rows are checked on the host only every 8 tokens.
+    """
+    from transformers import DynamicCache
+
+    from rlhf.models import position_ids_from_mask
+
+    batch = input_ids.shape[0]
+    if keys is None:
+        keys = row_keys(0, 0, range(batch), input_ids.device)
+    mask = attention_mask.clone()
+    positions = position_ids_from_mask(mask)
+    cache = DynamicCache()
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        for step in range(cfg.max_new_tokens):
+            logits = out.logits[:, -1, :].float()
+            logits[:, pad_id] = float("-inf")
+            if cfg.temperature > 0:
+                logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+                nxt = (logits + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            tokens.append(nxt)
+            done = done | (nxt == eos_id)
+            if step + 1 == cfg.max_new_tokens or (step % 8 == 7 and bool(done.all())):
+                break
+            mask = torch.cat([mask, (~done | (nxt == eos_id)).long()[:, None]], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True)
+    responses, rmask, ended = truncate_after_eos(torch.stack(tokens, 1), eos_id, pad_id)
+    sequences = torch.cat([input_ids, responses], dim=1)
+    return Generation(sequences, torch.cat([attention_mask, rmask], dim=1), rmask, ended, input_ids.shape[1])
+
+
+ENGINES = {"seeded": seeded_generate, "hf": hf_generate,
+           "hf_static": lambda *a, **k: hf_generate(*a, **k, static_cache=True)}
+
+
+def generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, engine: str = "seeded",
+             keys: torch.Tensor | None = None) -> Generation:
+    """Sample (or greedily decode, temperature 0) responses with the named engine."""
+    was_training = model.training
+    model.eval()
+    try:
+        if engine == "seeded":
+            return seeded_generate(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys)
+        return ENGINES[engine](model, input_ids, attention_mask, cfg, eos_id, pad_id)
+    finally:
+        model.train(was_training)
+
+
+def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine: str = "seeded",
+             seed: int = 0, step: int = 0) -> list[dict]:
+    """Decode completions for prompts (in batches of cfg.batch_size): [{'completion', 'ended', 'tokens'}]."""
+    from rlhf.data import collate_prompts
+
+    out = []
+    for i in range(0, len(prompt_ids), cfg.batch_size):
+        batch = collate_prompts([{"prompt_ids": p} for p in prompt_ids[i:i + cfg.batch_size]], tokenizer.pad_token_id)
+        keys = row_keys(seed, step, range(i, i + batch["input_ids"].shape[0]), device)
+        gen = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg,
+                       tokenizer.eos_token_id, tokenizer.pad_token_id, engine, keys)
+        for row, mask, ended in zip(gen.responses, gen.response_mask, gen.ended):
+            ids = row[mask.bool()].tolist()
+            out.append({"completion": tokenizer.decode(ids, skip_special_tokens=True), "ended": bool(ended),
+                        "tokens": len(ids)})
+    return out
+
+
+def write_samples(path, rows: list[dict]) -> None:
+    """A Markdown table prompt -> completion (the prompt's last 300 characters)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| prompt | completion | EOS |", "| --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {cell(r['prompt'][-300:])} | {cell(r['completion'])} | {'yes' if r['ended'] else 'no'} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def concat(gens: list[Generation], pad_id: int) -> Generation:
+    """Join generations of different widths: prompts re-padded on the left, responses on the right."""
+    if len(gens) == 1:
+        return gens[0]
+    p = max(g.prompt_width for g in gens)
+    a = max(g.responses.shape[1] for g in gens)
+
+    def lpad(x, width, value):
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def rpad(x, width, value):
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    seqs, masks, rmasks = [], [], []
+    for g in gens:
+        prompt, prompt_mask = g.sequences[:, :g.prompt_width], g.attention_mask[:, :g.prompt_width]
+        seqs.append(torch.cat([lpad(prompt, p, pad_id), rpad(g.responses, a, pad_id)], 1))
+        masks.append(torch.cat([lpad(prompt_mask, p, 0), rpad(g.response_mask, a, 0)], 1))
+        rmasks.append(rpad(g.response_mask, a, 0))
+    return Generation(torch.cat(seqs), torch.cat(masks), torch.cat(rmasks), torch.cat([g.ended for g in gens]), p)
+
+
+def sample(model, examples: list[dict], cfg, eos_id: int, pad_id: int, device, keys: torch.Tensor | None = None,
+           engine: str = "seeded") -> Generation:
+    """Rollouts for prompt examples ({'prompt_ids'}), generated `cfg.batch_size` prompts at a time.
+    `keys` (one per example, see `row_keys`) make each row's sample independent of the batching."""
+    from rlhf.data import collate_prompts
+
+    gens = []
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = collate_prompts(examples[i:i + cfg.batch_size], pad_id)
+        chunk_keys = keys[i:i + cfg.batch_size] if keys is not None else None
+        gens.append(generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg, eos_id,
+                             pad_id, engine, chunk_keys))
+    return concat(gens, pad_id)

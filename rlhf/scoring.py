@@ -1,0 +1,74 @@
+"""The reward model as a scorer: one function used by PPO, eval and tests.
+
+    scorer = load_scorer("runs/tiny/rm")
+    scorer(["prompt + response", ...])          # -> (B,) float32 scores
+    scorer.score_ids(input_ids, attention_mask)  # token ids in the reward model's vocabulary
+
+The score is the scalar head read at the last non-pad token of prompt+response (left or right
+padding, position ids counted from the first real token, so padding never changes a score).
+With `normalize=True` the rm stage's stored mean/std are applied: (score - mean) / std.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhf.artifacts import expect_run
+from rlhf.data import pad
+from rlhf.models import ScalarHead, last_token_index, load_model, load_tokenizer, model_dir, position_ids_from_mask
+
+STATS_FILE = "reward_stats.json"
+
+
+def rewards_at_last_token(scalar: ScalarHead, input_ids, attention_mask) -> torch.Tensor:
+    """(B, T) ids -> (B,) head value at each row's last real token."""
+    values = scalar(input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T)
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+class RewardScorer:
+    def __init__(self, spec: str, device="cpu", dtype: str = "float32", normalize: bool = False,
+                 key: str = "reward_model", trust_remote_code: bool = False):
+        expect_run(spec, {"rm"}, key)
+        self.tokenizer = load_tokenizer(spec, key, trust_remote_code=trust_remote_code)
+        model = load_model(spec, key, task="seq_cls", dtype=dtype, trust_remote_code=trust_remote_code,
+                           vocab=len(self.tokenizer))
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = ScalarHead(model).to(device).eval().requires_grad_(False)
+        self.device = device
+        self.stats = read_reward_stats(spec)
+        self.normalize = normalize and self.stats is not None
+
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            scores = rewards_at_last_token(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        if self.normalize:
+            scores = (scores - self.stats["mean"]) / self.stats["std"]
+        return scores
+
+    def __call__(self, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids = self.tokenizer(texts[i:i + batch_size], add_special_tokens=True)["input_ids"]
+            ids = [x + [self.tokenizer.eos_token_id] if not x or x[-1] != self.tokenizer.eos_token_id else x
+                   for x in ids]
+            input_ids = pad(ids, self.tokenizer.pad_token_id)
+            mask = pad([[1] * len(x) for x in ids], 0)
+            out.append(self.score_ids(input_ids, mask).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def load_scorer(spec: str, device="cpu", **kw) -> RewardScorer:
+    return RewardScorer(spec, device, **kw)
+
+
+def read_reward_stats(spec: str) -> dict | None:
+    """mean/std stored by the rm stage (in the run folder and next to the weights)."""
+    for place in (Path(spec), Path(model_dir(spec, "reward_model")[0])):
+        f = place / STATS_FILE
+        if f.is_file():
+            return json.loads(f.read_text())
+    return None

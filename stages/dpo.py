@@ -1,0 +1,173 @@
+"""`dpo` stage: Direct Preference Optimisation (Rafailov et al. 2023), or IPO (Azar et al. 2023).
+
+Policy = the starting model + LoRA; reference = the same weights with the adapter disabled (no second
+copy), or a frozen copy in full fine-tuning. With `dpo.precompute_ref` the reference logps of every
+pair are computed once before training and stored in the run folder (reused on resume), so training
+holds one model. Chosen and rejected rows go through one concatenated forward; logps are summed over
+response tokens (averaged per token for `ipo`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_formats.schemas import parse_preference
+from rlhf import loop
+from rlhf.artifacts import RunFolder, expect_run
+from rlhf.data import collate_pairs, encode_preferences, eval_shard, length_stats, load_split, to_device
+from rlhf.forward import label_logprobs
+from rlhf.losses import dpo_loss, masked_sum, sequence_logps
+from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhf.optim import build_optimizer, build_scheduler
+from rlhf.recipes import DPORecipe, derived
+from rlhf.runtime import make_accelerator, seed_everything
+
+REF_FILE = "ref_logps.safetensors"
+
+
+def pair_logps(model, batch: dict, average: bool):
+    """Summed (or per-token averaged) response logps of chosen and rejected rows, plus the chosen
+    rows' token logprobs and mask (for the optional SFT term). One forward over 2B rows."""
+    logprobs, mask, _ = label_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    seq = sequence_logps(logprobs, mask, average=average)  # (2B,)
+    chosen, rejected = seq.chunk(2)
+    half = logprobs.shape[0] // 2
+    return chosen, rejected, logprobs[:half], mask[:half]
+
+
+def run(recipe: DPORecipe) -> Path:
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
+    if folder.finished:
+        return folder.final
+    seed_everything(recipe.seed)
+    m, d, o = recipe.model, recipe.data, recipe.dpo
+    expect_run(m.name_or_path, {"pretrain", "sft", "dpo", "ppo", "export"}, "model.name_or_path")
+    average = o.loss_type == "ipo"  # IPO uses length-normalised logps (Azar et al. 2023)
+
+    # --- data --------------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
+                               trust_remote_code=m.trust_remote_code)
+    split = load_split(d, lambda raw, t: parse_preference(raw, t, d.format), recipe.seed)
+    train, train_counts = encode_preferences(split.train, tokenizer, d.max_len, d.max_prompt_len)
+    evals, _ = encode_preferences(split.eval, tokenizer, d.max_len, d.max_prompt_len) if split.eval else ([], {})
+    folder.counts = {**split.counts, **train_counts,
+                     "tokens": length_stats([len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train])}
+    folder.input("model", m.name_or_path)
+    folder.input("data.train", d.train)
+
+    # --- models: policy (+LoRA) and reference (adapter disabled, or a frozen copy) -------------------
+    load = dict(dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                attn_implementation=m.attn_implementation, vocab=len(tokenizer))
+    model = load_model(m.name_or_path, quantize_4bit=bool(recipe.lora and recipe.lora.quantization == "4bit"),
+                       **load)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if recipe.lora is not None:
+        model = apply_lora(model, recipe.lora)
+    reference = None  # None: the policy with its adapter disabled is the reference
+    if recipe.lora is None or o.reference is not None:
+        reference = load_model(o.reference or m.name_or_path, "dpo.reference", **load)
+        reference.to(accelerator.device).eval().requires_grad_(False)
+    trainable, total = count_parameters(model)
+
+    steps = loop.total_steps(len(train), recipe.train)
+    optimizer = build_optimizer(model.parameters(), recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad_id = tokenizer.pad_token_id
+
+    def ref_pass(batch):
+        """Reference logps: the frozen copy, or the policy with its adapter switched off."""
+        with torch.no_grad():
+            if reference is not None:
+                c, r, _, _ = pair_logps(reference, batch, average)
+            else:
+                policy = accelerator.unwrap_model(model)
+                was_training = policy.training
+                policy.eval()  # no dropout in the reference
+                with policy.disable_adapter():
+                    c, r, _, _ = pair_logps(policy, batch, average)
+                policy.train(was_training)
+        return c.float(), r.float()
+
+    # --- optional: reference logps of every pair, once, kept in the run folder -----------------------
+    ref_cache: dict[str, torch.Tensor] = {}
+    if o.precompute_ref:
+        ref_cache = precompute_reference(accelerator, folder.partial / REF_FILE, {"train": train, "eval": evals},
+                                         pad_id, recipe.train.micro_batch_size, ref_pass)
+        reference = None  # training now holds only the policy
+
+    # --- loss ----------------------------------------------------------------------------------------
+    def make_loss(pairs, name):
+        def micro_loss(idx, den):
+            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), accelerator.device)
+            pc, pr, chosen_lp, chosen_mask = pair_logps(model, batch, average)
+            if ref_cache:
+                rows = torch.tensor(idx)
+                rc = ref_cache[f"{name}_chosen"][rows].to(pc.device)
+                rr = ref_cache[f"{name}_rejected"][rows].to(pc.device)
+            else:
+                rc, rr = ref_pass(batch)
+            loss, stats = dpo_loss(pc.float(), pr.float(), rc, rr, o.beta, o.loss_type, o.label_smoothing)
+            share = len(idx) / den["pairs"]
+            loss = loss * share
+            stats = {k: v.detach() * share for k, v in stats.items()}
+            if o.sft_coef:
+                nll = -masked_sum(chosen_lp.float(), chosen_mask) / den["chosen_tokens"]
+                loss = loss + o.sft_coef * nll
+                stats["loss/sft"] = nll.detach()
+            stats["loss/total"] = loss.detach()
+            return loss, stats
+        return micro_loss
+
+    def weights(pairs):
+        return lambda idx: {"pairs": float(len(idx)), "chosen_tokens": float(sum(len(pairs[i]["chosen_ids"])
+                                                                                  for i in idx))}
+
+    task = loop.Task(
+        n_train=len(train), lengths=[len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                                     for e in train],
+        weights=weights(train), micro_loss=make_loss(train, "train"), n_eval=len(evals),
+        eval_weights=weights(evals), eval_loss=make_loss(evals, "eval"),
+        progress=("loss/dpo", "rewards/accuracy", "rewards/margin"))
+    metrics = loop.run(accelerator, folder, recipe.train, recipe.seed, model, optimizer, scheduler, task, "dpo")
+
+    info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=m.name_or_path)
+    return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
+                         derived=derived(recipe))
+
+
+def precompute_reference(accelerator, path: Path, splits: dict[str, list], pad_id: int, micro: int,
+                         ref_pass) -> dict[str, torch.Tensor]:
+    """Reference logps of every pair of every split, stored as safetensors (reused when present)."""
+    expected = {f"{name}_{side}": len(pairs) for name, pairs in splits.items() for side in ("chosen", "rejected")}
+    if path.is_file():
+        cached = load_file(str(path))
+        if {k: v.shape[0] for k, v in cached.items()} == {k: n for k, n in expected.items() if n}:
+            return cached
+    out: dict[str, torch.Tensor] = {}
+    for name, pairs in splits.items():
+        if not pairs:
+            continue
+        chosen = torch.zeros(len(pairs), dtype=torch.float32)
+        rejected = torch.zeros(len(pairs), dtype=torch.float32)
+        for idx in eval_shard(len(pairs), accelerator.process_index, accelerator.num_processes, micro):
+            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), accelerator.device)
+            with accelerator.autocast():
+                c, r = ref_pass(batch)
+            chosen[idx], rejected[idx] = c.cpu(), r.cpu()
+        if accelerator.num_processes > 1:  # each process filled its shard; the others are zero
+            chosen = accelerator.reduce(chosen.to(accelerator.device), "sum").cpu()
+            rejected = accelerator.reduce(rejected.to(accelerator.device), "sum").cpu()
+        out[f"{name}_chosen"], out[f"{name}_rejected"] = chosen, rejected
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(out, str(tmp))
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    return out

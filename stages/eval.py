@@ -1,0 +1,126 @@
+"""`eval` stage: compare several models on held-out prompts.
+
+For each model (base, sft, ppo, dpo, ...): gold accuracy of sampled completions (the policy the RL
+stages optimise) and of greedy ones, when prompts carry the task suite's answers; mean reward-model
+score; KL to the reference (the sft model): the mean over prompts of sum_t [log pi(y_t) - log ref(y_t)]
+on the model's own samples (an unbiased estimate of KL(pi || ref) per response); mean response length;
+EOS rate; a few sample completions. Writes `eval.json` and `eval.md`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data_formats.schemas import parse_prompt
+from data_formats.tasks import grade, has_gold
+from rlhf.artifacts import RunFolder, write_json_atomic
+from rlhf.card import markdown_table
+from rlhf.data import collate_prompts, encode_prompts, load_split, to_device
+from rlhf.forward import response_logprobs
+from rlhf.models import load_model, load_tokenizer
+from rlhf.recipes import EvalRecipe, SFTData, GenerateSection
+from rlhf.rollout import generate, row_keys
+from rlhf.runtime import partial_state, seed_everything
+from rlhf.scoring import load_scorer
+
+
+def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device, scorer, reference, greedy: bool,
+                   shown: int, seed: int = 0) -> dict:
+    """All figures for one model on `prompts` ({'prompt_ids', 'meta', 'prompt'})."""
+    correct, scores, kls, lengths, ended, samples = [], [], [], [], [], []
+    by_task: dict[str, list[bool]] = {}
+    greedy_correct = []
+    gold = [has_gold(p["meta"]) for p in prompts]
+    temperature = cfg.temperature or 1.0
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start:start + cfg.batch_size]
+        batch = to_device(collate_prompts(chunk, tokenizer.pad_token_id), device)
+        keys = row_keys(seed, 0, range(start, start + len(chunk)), device)
+        gen = generate(model, batch["input_ids"], batch["attention_mask"], cfg, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, keys=keys)
+        texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                 for r, m in zip(gen.responses, gen.response_mask)]
+        mask = gen.response_mask.float()
+        lengths += mask.sum(-1).tolist()
+        ended += gen.ended.tolist()
+        for p, text in zip(chunk, texts):
+            if has_gold(p["meta"]):
+                correct.append(grade(p["meta"], text))
+                by_task.setdefault(p["meta"]["task"], []).append(correct[-1])
+            if len(samples) < shown:
+                samples.append({"prompt": p["prompt"], "completion": text})
+        if scorer is not None:
+            if scorer.tokenizer.get_vocab() == tokenizer.get_vocab():
+                scores += scorer.score_ids(gen.sequences, gen.attention_mask).tolist()
+            else:
+                scores += scorer([p["prompt"] + t for p, t in zip(chunk, texts)]).tolist()
+        if reference is not None:
+            with torch.no_grad():
+                lp, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature)
+                ref_lp, _ = response_logprobs(reference, gen.sequences, gen.attention_mask, gen.prompt_width,
+                                              temperature)
+            kls += ((lp - ref_lp) * mask).sum(-1).tolist()
+        if greedy and any(has_gold(p["meta"]) for p in chunk):
+            g = generate(model, batch["input_ids"], batch["attention_mask"], GenerateSection(
+                max_new_tokens=cfg.max_new_tokens, temperature=0.0), tokenizer.eos_token_id, tokenizer.pad_token_id)
+            for p, r, m in zip(chunk, g.responses, g.response_mask):
+                if has_gold(p["meta"]):
+                    greedy_correct.append(grade(p["meta"], tokenizer.decode(r[m.bool()].tolist(),
+                                                                            skip_special_tokens=True)))
+    mean = lambda xs: (sum(xs) / len(xs)) if xs else None  # noqa: E731
+    return {"model": name, "prompts": len(prompts), "gold_prompts": sum(gold),
+            "gold_accuracy": mean(correct), "gold_accuracy_greedy": mean(greedy_correct),
+            "reward_score": mean(scores), "kl_to_reference": mean(kls), "response_length": mean(lengths),
+            "eos_rate": mean(ended), "gold_accuracy_by_task": {k: mean(v) for k, v in sorted(by_task.items())},
+            "samples": samples}
+
+
+def run(recipe: EvalRecipe) -> Path:
+    state = partial_state()
+    folder = RunFolder(recipe, state.is_main_process, state.wait_for_everyone)
+    if folder.finished:
+        return folder.final
+    seed_everything(recipe.seed)
+    e, device = recipe.eval, state.device
+    load = dict(dtype=e.dtype, trust_remote_code=e.trust_remote_code)
+
+    results = []
+    if state.is_main_process:  # evaluation is cheap next to training: one process does it
+        scorer = load_scorer(e.reward_model, device, normalize=False, key="eval.reward_model",
+                             trust_remote_code=e.trust_remote_code) if e.reward_model else None
+        reference = None
+        if e.reference:
+            reference = load_model(e.reference, "eval.reference", **load).to(device).eval()
+        for name, spec in e.models.items():
+            key = f"eval.models.{name}"
+            tokenizer = load_tokenizer(spec, key, trust_remote_code=e.trust_remote_code)
+            data = SFTData(train=e.prompts, template=e.template, max_records=e.max_prompts)
+            prompts, _ = encode_prompts(load_split(data, parse_prompt, recipe.seed).train, tokenizer,
+                                        e.max_prompt_len)
+            model = load_model(spec, key, vocab=len(tokenizer), **load).to(device).eval()
+            ref = reference if reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0] \
+                else None
+            # every model draws the same per-prompt noise (seeded decoder), so differences are the models'
+            result = evaluate_model(name, model, tokenizer, prompts, recipe.generate, device, scorer, ref, e.greedy,
+                                    e.samples_shown, recipe.seed)
+            results.append(result)
+            folder.input(key, spec)
+            print(f"eval {name}: gold {result['gold_accuracy']}, greedy {result['gold_accuracy_greedy']}, "
+                  f"score {result['reward_score']}, kl {result['kl_to_reference']}, "
+                  f"by task {result['gold_accuracy_by_task']}")
+            del model
+        folder.input("eval.prompts", e.prompts)
+        write_json_atomic(folder.partial / "eval.json", {"results": results})
+        lines = ["# Evaluation", "", markdown_table(results), ""]
+        for r in results:
+            lines += [f"## {r['model']}: samples", ""]
+            for s in r["samples"]:
+                lines += ["```", s["prompt"] + s["completion"], "```", ""]
+        (folder.partial / "eval.md").write_text("\n".join(lines))
+    metrics = {f"{r['model']}/{k}": v for r in results for k, v in r.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return folder.finish(metrics, extra={"results": [{k: v for k, v in r.items() if k != "samples"}
+                                                     for r in results]})
+

@@ -1,0 +1,158 @@
+"""`export` stage: merge adapters, check parity, write a model card, optionally push to the hub.
+
+1. Load the source's adapter on its (recursively merged) parent, unmerged, in float32: the reference.
+2. Merge (`merge_and_unload`) in float32 and compare logits and greedy generations with the reference.
+3. Cast to the export dtype and compare logits again (dtype-appropriate tolerance).
+4. Save safetensors shards, tokenizer, generation config (pad != eos) and README.md (model card).
+5. Only if everything above passed and the folder is in place: push with huggingface_hub.
+A failed check stops the export (exit 2) before anything is written or pushed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from data_formats.schemas import parse_prompt
+from data_formats.templates import load_template
+from rlhf.artifacts import RunFolder, expect_run, read_manifest, write_json_atomic
+from rlhf.card import inference_template, lineage, model_card
+from rlhf.data import encode_prompts, load_split
+from rlhf.errors import UserError
+from rlhf.models import DTYPES, hf_model, load_model, load_tokenizer, model_dir, model_info
+from rlhf.runtime import partial_state
+from rlhf.recipes import ExportRecipe, SFTData
+from rlhf.scoring import STATS_FILE
+
+# max |logit difference| allowed, relative to max(1, max |logit|): merge in float32, then the cast
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+BUILTIN_PROMPTS = ["Give three tips for staying healthy.", "Reverse the list.\n\nc a f b",
+                   "What is the capital of France?", "Write a haiku about autumn.", "Sort the list.\n\nd b a"]
+
+
+def forward_figures(model, tokenizer, prompts: list[list[int]], new_tokens: int, causal: bool) -> list[dict]:
+    """Per prompt: last-layer outputs (logits or scores) and greedy continuation token ids."""
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits.float()[0]
+            greedy = []
+            if causal:
+                gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+                greedy = gen[0, len(ids):].tolist()
+            out.append({"logits": logits, "greedy": greedy})
+    return out
+
+
+def compare(a: list[dict], b: list[dict], tol: float) -> dict:
+    diffs = [float((x["logits"] - y["logits"]).abs().max()) for x, y in zip(a, b)]
+    scale = max(1.0, max(float(x["logits"].abs().max()) for x in a))
+    same = [x["greedy"] == y["greedy"] for x, y in zip(a, b)]
+    return {"max_abs_logit_diff": max(diffs), "logit_scale": scale, "tolerance": tol * scale,
+            "logits_ok": max(diffs) <= tol * scale, "greedy_match": sum(same) / len(same)}
+
+
+def run(recipe: ExportRecipe) -> Path:
+    state = partial_state()
+    folder = RunFolder(recipe, state.is_main_process, state.wait_for_everyone)
+    if folder.finished:
+        return folder.final
+    x = recipe.export
+    expect_run(recipe.source, {"pretrain", "sft", "rm", "ppo", "dpo"}, "source")
+    model_dir(recipe.source, "source")  # a missing source is a one-line error
+    info = model_info(recipe.source, "source")
+    causal = info.get("task", "causal_lm") == "causal_lm"
+    tokenizer = load_tokenizer(recipe.source, "source", trust_remote_code=x.trust_remote_code)
+    chain = lineage(recipe.source)
+    folder.input("source", recipe.source)
+
+    # --- parity prompts --------------------------------------------------------------------------------
+    if x.parity_prompts:
+        records = load_split(SFTData(train=x.parity_prompts), parse_prompt, recipe.seed).train
+        prompts = [p["prompt_ids"] for p in encode_prompts(records, tokenizer, 256)[0]]
+    else:
+        template = load_template("alpaca")
+        text = inference_template(chain)
+        render = (lambda s: text.format(instruction=s)) if text else (lambda s: template.render(s))
+        prompts = tokenizer([render(p) for p in BUILTIN_PROMPTS])["input_ids"]
+    prompts = prompts[: x.parity_count]
+
+    # --- 1-3: unmerged reference, float32 merge, cast ------------------------------------------------------
+    if info["kind"] == "adapter":
+        from peft import PeftModel
+
+        base = load_model(info["base"], "source", task=info.get("task", "causal_lm"), dtype="float32",
+                          trust_remote_code=x.trust_remote_code, vocab=len(tokenizer))
+        model = PeftModel.from_pretrained(base, model_dir(recipe.source, "source")[0]).eval()
+        reference = forward_figures(model, tokenizer, prompts, x.parity_new_tokens, causal)
+        model = model.merge_and_unload()
+        merge_check = compare(reference, forward_figures(model, tokenizer, prompts, x.parity_new_tokens, causal),
+                              TOLERANCE["float32"])
+    else:
+        model = load_model(recipe.source, "source", task=info.get("task", "causal_lm"), dtype="float32",
+                           trust_remote_code=x.trust_remote_code, vocab=len(tokenizer)).eval()
+        reference = forward_figures(model, tokenizer, prompts, x.parity_new_tokens, causal)
+        merge_check = None
+    model = model.to(DTYPES[x.dtype])
+    cast_check = compare(reference, forward_figures(model, tokenizer, prompts, x.parity_new_tokens, causal),
+                         TOLERANCE[x.dtype])
+    parity = {"prompts": len(prompts), "merge_fp32": merge_check, "cast": cast_check}
+    failed = [name for name, c in (("merge", merge_check), ("cast", cast_check)) if c and not c["logits_ok"]]
+    if merge_check and merge_check["greedy_match"] < 1.0:
+        failed.append("merge greedy generations")
+    if failed:
+        raise UserError(f"parity check failed ({', '.join(failed)}): {json.dumps(parity)}; nothing was exported",
+                        None, "source")
+
+    # --- 4: the standalone folder ------------------------------------------------------------------------
+    out = folder.partial / "model"
+    if state.is_main_process:
+        hf = hf_model(model)
+        hf.config.pad_token_id = tokenizer.pad_token_id
+        hf.save_pretrained(str(out), safe_serialization=True, max_shard_size=x.max_shard_size)
+        tokenizer.save_pretrained(str(out))
+        if causal:
+            gen = hf.generation_config
+            gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+            gen.bos_token_id = tokenizer.bos_token_id
+            gen.save_pretrained(str(out))
+        stats = Path(recipe.source) / STATS_FILE
+        if stats.is_file():  # reward models keep their normalisation next to the weights
+            shutil.copy(stats, out / STATS_FILE)
+        eval_results = _eval_results_for(recipe.source)
+        (out / "README.md").write_text(model_card(chain, {**vars(x), "hub_repo_id": x.hub_repo_id}, parity,
+                                                  eval_results))
+    final = folder.finish({"parity/cast_max_abs_logit_diff": cast_check["max_abs_logit_diff"]},
+                          extra={"parity": parity, "model_info": {"kind": "full", "task": info.get("task")},
+                                 "lineage": [{k: e.get(k) for k in ("stage", "path", "recipe_sha256")} for e in chain]})
+
+    # --- 5: push (after the local export is complete and intact) ---------------------------------------
+    if x.push_to_hub and state.is_main_process:
+        from rlhf.hub import push_folder
+
+        result = push_folder(final / "model", x.hub_repo_id, private=x.private, revision=x.revision,
+                             commit_message=x.commit_message)
+        manifest = read_manifest(final)
+        manifest["pushed"] = result
+        write_json_atomic(final / "manifest.json", manifest)
+    return final
+
+
+def _eval_results_for(source: str) -> list[dict] | None:
+    """Eval figures of this model from a sibling eval run folder (the demo layout), if there is one."""
+    src = str(Path(source).resolve())
+    for candidate in Path(source).resolve().parent.glob("*/manifest.json"):
+        manifest = json.loads(candidate.read_text())
+        if manifest.get("stage") != "eval":
+            continue
+        models = manifest.get("recipe", {}).get("eval", {}).get("models", {})
+        names = [n for n, p in models.items() if str(Path(p).resolve()) == src]
+        if names:
+            return [r for r in manifest.get("results", []) if r.get("model") in names]
+    return None

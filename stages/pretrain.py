@@ -1,0 +1,156 @@
+"""`pretrain` stage: a byte-level BPE tokenizer and a small Llama causal LM trained from scratch.
+
+This is how the offline demo gets a base model; users with a real base model skip it. The result is
+a plain Hugging Face folder that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load with no
+project code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rlhf import loop
+from rlhf.artifacts import RunFolder
+from rlhf.data import length_stats
+from rlhf.errors import DataError, UserError
+from rlhf.forward import label_logprobs
+from rlhf.losses import masked_sum
+from rlhf.models import DEFAULT_PAD, count_parameters, save_model
+from rlhf.optim import build_optimizer, build_scheduler
+from rlhf.recipes import PretrainRecipe, derived
+from rlhf.runtime import make_accelerator, seed_everything
+
+BOS, EOS = "<s>", "</s>"
+
+
+def read_corpus(paths: list[str]) -> list[str]:
+    """Documents from .txt files (blank-line separated) and .jsonl files (a 'text' field per line)."""
+    docs = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"corpus file {path} not found", None, "data.train")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            line = p.read_bytes()[:err.start].count(b"\n") + 1
+            raise DataError("not valid UTF-8", f"{path}:{line}") from None
+        if p.suffix == ".jsonl":
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line).get("text")
+                except (json.JSONDecodeError, AttributeError):
+                    raise DataError("expected a JSON object with a 'text' field", f"{path}:{lineno}") from None
+                if not isinstance(doc, str):
+                    raise DataError("missing or not a string", f"{path}:{lineno}", "text")
+                docs.append(doc)
+        else:
+            docs += [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not docs:
+        raise DataError("the corpus holds no documents", ", ".join(paths), "data.train")
+    return docs
+
+
+def train_tokenizer(docs: list[str], section, max_len: int):
+    """Byte-level BPE (GPT-2 style pre-tokenisation) with <|pad|>, <s> (added in front) and </s>."""
+    if section.existing:
+        return AutoTokenizer.from_pretrained(section.existing)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=section.vocab_size, min_frequency=section.min_frequency,
+                                  special_tokens=[DEFAULT_PAD, BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=DEFAULT_PAD,
+                                   model_max_length=max_len)
+
+
+def pack_documents(docs: list[str], tokenizer, max_len: int) -> list[list[int]]:
+    """Concatenate <s> doc </s> <s> doc </s> ... and cut into rows of `max_len` (the tail is dropped)."""
+    ids = tokenizer(docs, add_special_tokens=True)["input_ids"]
+    stream = [t for doc in ids for t in doc + [tokenizer.eos_token_id]]
+    return [stream[i:i + max_len] for i in range(0, len(stream) - max_len + 1, max_len)]
+
+
+def run(recipe: PretrainRecipe) -> Path:
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
+    if folder.finished:
+        return folder.final
+    seed_everything(recipe.seed)
+
+    # --- data and tokenizer --------------------------------------------------------------------
+    docs = read_corpus(recipe.data.train)
+    for path in recipe.data.train:
+        folder.input(f"corpus:{path}", path)
+    random.Random(recipe.seed).shuffle(docs)
+    n_eval = int(len(docs) * recipe.data.eval_fraction)
+    eval_docs, train_docs = docs[:n_eval], docs[n_eval:]
+    tokenizer = train_tokenizer(train_docs, recipe.tokenizer, recipe.data.max_len)
+    train_rows = pack_documents(train_docs, tokenizer, recipe.data.max_len)
+    eval_rows = pack_documents(eval_docs, tokenizer, recipe.data.max_len) if eval_docs else []
+    if not train_rows:
+        raise UserError(f"the corpus is shorter than one row of data.max_len={recipe.data.max_len} tokens",
+                        None, "data.max_len")
+    folder.counts = {"documents": len(docs), "eval_documents": n_eval, "train_rows": len(train_rows),
+                     "eval_rows": len(eval_rows), "vocab_size": len(tokenizer),
+                     "doc_tokens": length_stats([len(t) for t in tokenizer(train_docs[:2000])["input_ids"]])}
+
+    # --- model ---------------------------------------------------------------------------------
+    arch = recipe.model
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads or arch.num_heads, max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=arch.rope_theta, tie_word_embeddings=arch.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    trainable, total = count_parameters(model)
+    if accelerator.is_main_process:
+        print(f"pretrain: {total / 1e6:.2f}M parameters, {len(tokenizer)} tokens, {len(train_rows)} rows of "
+              f"{recipe.data.max_len}")
+
+    steps = loop.total_steps(len(train_rows), recipe.train)
+    optimizer = build_optimizer(model.parameters(), recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    # --- loss: next-token cross-entropy, mean over all predicted tokens of the step ------------------
+    def batch_of(rows: list[list[int]], idx: list[int]) -> torch.Tensor:
+        return torch.tensor([rows[i] for i in idx], device=device)
+
+    def make_loss(rows):
+        def micro_loss(idx, den):
+            ids = batch_of(rows, idx)  # (B, T)
+            logprobs, mask, _ = label_logprobs(model, ids, ids)
+            nll = -masked_sum(logprobs, mask)
+            return nll / den["tokens"], {"loss": nll.detach() / den["tokens"]}
+        return micro_loss
+
+    tokens_per_row = recipe.data.max_len - 1
+    task = loop.Task(
+        n_train=len(train_rows), weights=lambda idx: {"tokens": float(len(idx) * tokens_per_row)},
+        micro_loss=make_loss(train_rows), n_eval=len(eval_rows),
+        eval_weights=lambda idx: {"tokens": float(len(idx) * tokens_per_row)}, eval_loss=make_loss(eval_rows),
+        finalize=lambda s: {**s, "perplexity": math.exp(min(s["loss"], 50.0))} if "loss" in s else s)
+    metrics = loop.run(accelerator, folder, recipe.train, recipe.seed, model, optimizer, scheduler, task, "pretrain")
+
+    # --- artifact ----------------------------------------------------------------------------------
+    info = save_model(accelerator, model, tokenizer, folder.partial / "model")
+    return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
+                         derived=derived(recipe))

@@ -1,0 +1,133 @@
+"""`rm` stage: a pairwise (Bradley-Terry) reward model.
+
+Reward model = causal-LM backbone + a scalar head read at the last non-pad token of prompt+response.
+Loss (`rlhf.losses.pairwise_loss`): -log sigmoid(r_chosen - r_rejected - margin), optionally plus
+center_coef * (r_chosen + r_rejected)^2; chosen and rejected go through one concatenated forward.
+After training, the scores of the held-out completions fit a mean/std that PPO uses to normalise.
+The saved model is a plain `AutoModelForSequenceClassification` folder (LoRA merged into it).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from data_formats.schemas import parse_preference
+from rlhf import loop
+from rlhf.artifacts import RunFolder, expect_run, write_json_atomic
+from rlhf.data import collate_pairs, encode_preferences, eval_shard, length_stats, load_split, to_device
+from rlhf.losses import pairwise_loss
+from rlhf.models import ScalarHead, apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhf.optim import build_optimizer, build_scheduler
+from rlhf.recipes import RMRecipe, derived
+from rlhf.runtime import global_sums, make_accelerator, seed_everything
+from rlhf.scoring import STATS_FILE, rewards_at_last_token
+
+
+def run(recipe: RMRecipe) -> Path:
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
+    if folder.finished:
+        return folder.final
+    seed_everything(recipe.seed)
+    m, d = recipe.model, recipe.data
+    expect_run(m.name_or_path, {"pretrain", "sft", "dpo", "export"}, "model.name_or_path")
+
+    # --- data --------------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
+                               trust_remote_code=m.trust_remote_code)
+    split = load_split(d, lambda raw, t: parse_preference(raw, t, d.format), recipe.seed)
+    train, train_counts = encode_preferences(split.train, tokenizer, d.max_len, d.max_prompt_len)
+    evals, _ = encode_preferences(split.eval, tokenizer, d.max_len, d.max_prompt_len) if split.eval else ([], {})
+    folder.counts = {**split.counts, **train_counts,
+                     "tokens": length_stats([len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train])}
+    folder.input("model", m.name_or_path)
+    folder.input("data.train", d.train)
+    if d.eval:
+        folder.input("data.eval", d.eval)
+
+    # --- model: backbone + zero-initialised scalar head (always trained) ------------------------------
+    backbone = load_model(m.name_or_path, task="seq_cls", dtype=m.dtype, revision=m.revision,
+                          trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+                          vocab=len(tokenizer), quantize_4bit=bool(recipe.lora and recipe.lora.quantization == "4bit"))
+    backbone.config.pad_token_id = tokenizer.pad_token_id  # plain HF pooling finds the last non-pad token
+    if m.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora is not None:
+        backbone = apply_lora(backbone, recipe.lora, task="seq_cls")
+    model = ScalarHead(backbone)
+    trainable, total = count_parameters(model)
+    if accelerator.is_main_process:
+        print(f"rm: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trained, "
+              f"{len(train)} train / {len(evals)} eval pairs")
+
+    steps = loop.total_steps(len(train), recipe.train)
+    optimizer = build_optimizer(model.parameters(), recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad_id = tokenizer.pad_token_id
+
+    # --- loss: Bradley-Terry over the step's pairs (chosen rows then rejected rows, one forward) -------
+    def make_loss(pairs):
+        def micro_loss(idx, den):
+            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), accelerator.device)
+            rewards = rewards_at_last_token(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+            chosen, rejected = rewards.chunk(2)
+            margin = batch["margin"] if any(pairs[i]["margin"] for i in idx) else None
+            loss, stats = pairwise_loss(chosen, rejected, margin, recipe.rm.center_coef)
+            share = len(idx) / den["pairs"]  # this micro-batch's share of the step's mean
+            stats = {k: v.detach() * share for k, v in stats.items() if k != "rewards/std"}
+            stats["rewards/sq"] = (chosen.detach() ** 2 + rejected.detach() ** 2).mean() / 2 * share
+            return loss * share, stats
+        return micro_loss
+
+    def finalize(s: dict) -> dict:
+        s = dict(s)
+        if "rewards/sq" in s:
+            s["rewards/std"] = math.sqrt(max(s.pop("rewards/sq") - s.get("rewards/mean", 0.0) ** 2, 0.0))
+        return s
+
+    task = loop.Task(
+        n_train=len(train), lengths=[len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                                     for e in train],
+        weights=lambda idx: {"pairs": float(len(idx))}, micro_loss=make_loss(train), n_eval=len(evals),
+        eval_weights=lambda idx: {"pairs": float(len(idx))}, eval_loss=make_loss(evals), finalize=finalize,
+        progress=("loss/pairwise", "rewards/accuracy"))
+    metrics = loop.run(accelerator, folder, recipe.train, recipe.seed, model, optimizer, scheduler, task, "rm")
+
+    # --- reward normalisation: mean/std of scores on held-out (or training) completions -------------
+    pairs = evals if (recipe.rm.norm_split == "eval" and evals) else train
+    stats = fit_reward_stats(accelerator, model, pairs, pad_id, recipe.train.micro_batch_size)
+    stats["fitted_on"] = "eval" if pairs is evals else "train"
+    metrics.update({"reward/mean": stats["mean"], "reward/std": stats["std"]})
+
+    # --- artifact: LoRA merged into a plain sequence-classification model ------------------------------
+    head_model = accelerator.unwrap_model(model).model
+    if hasattr(head_model, "merge_and_unload"):
+        head_model = head_model.merge_and_unload()
+    info = save_model(accelerator, ScalarHead(head_model), tokenizer, folder.partial / "model")
+    if accelerator.is_main_process:
+        write_json_atomic(folder.partial / STATS_FILE, stats)
+        write_json_atomic(folder.partial / "model" / STATS_FILE, stats)
+    return folder.finish(metrics, extra={"model_info": info, "reward_stats": stats, "parameters": total,
+                                         "trainable_parameters": trainable}, derived=derived(recipe))
+
+
+def fit_reward_stats(accelerator, model, pairs: list[dict], pad_id: int, micro: int) -> dict:
+    """Mean and std of the scores of chosen and rejected completions (all processes together)."""
+    model.eval()
+    s = {"n": 0.0, "sum": 0.0, "sq": 0.0}
+    with torch.no_grad(), accelerator.autocast():
+        for idx in eval_shard(len(pairs), accelerator.process_index, accelerator.num_processes, micro):
+            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), accelerator.device)
+            r = rewards_at_last_token(model, batch["input_ids"], batch["attention_mask"]).float()
+            s["n"] += r.numel()
+            s["sum"] += float(r.sum())
+            s["sq"] += float((r ** 2).sum())
+    s = global_sums(accelerator, s)
+    mean = s["sum"] / max(s["n"], 1.0)
+    std = math.sqrt(max(s["sq"] / max(s["n"], 1.0) - mean ** 2, 1e-12))
+    return {"mean": mean, "std": max(std, 1e-6), "count": int(s["n"])}
+

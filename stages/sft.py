@@ -1,0 +1,107 @@
+"""`sft` stage: supervised fine-tuning on Alpaca-format instructions, with LoRA or in full.
+
+Loss: next-token cross-entropy on response tokens only (unless `data.train_on_prompt`), averaged over
+all trained tokens of the accumulated multi-process batch. `data.packing` concatenates the examples of
+a micro-batch into one padding-free row whose position ids restart at each example.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from data_formats.schemas import parse_alpaca
+from rlhf import loop
+from rlhf.artifacts import RunFolder, expect_run
+from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, to_device
+from rlhf.forward import label_logprobs
+from rlhf.losses import masked_sum
+from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhf.optim import build_optimizer, build_scheduler
+from rlhf.recipes import SFTRecipe, derived
+from rlhf.rollout import complete, write_samples
+from rlhf.runtime import make_accelerator, seed_everything
+
+
+def trained_tokens(example: dict) -> int:
+    """Tokens whose prediction is trained (labels after the first position that are not ignored)."""
+    return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
+
+
+def run(recipe: SFTRecipe) -> Path:
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
+    if folder.finished:
+        return folder.final
+    seed_everything(recipe.seed)
+    m = recipe.model
+    expect_run(m.name_or_path, {"pretrain", "sft", "dpo", "ppo", "export"}, "model.name_or_path")
+
+    # --- data --------------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
+                               trust_remote_code=m.trust_remote_code)
+    split = load_split(recipe.data, parse_alpaca, recipe.seed)
+    train, train_counts = encode_sft(split.train, tokenizer, recipe.data.max_len, recipe.data.train_on_prompt)
+    evals, eval_counts = encode_sft(split.eval, tokenizer, recipe.data.max_len, recipe.data.train_on_prompt) \
+        if split.eval else ([], {})
+    folder.counts = {**split.counts, **train_counts, "eval_dropped_too_long": eval_counts.get("dropped_too_long", 0),
+                     "tokens": length_stats([len(e["input_ids"]) for e in train])}
+    folder.input("model", m.name_or_path)
+    folder.input("data.train", recipe.data.train)
+    if recipe.data.eval:
+        folder.input("data.eval", recipe.data.eval)
+
+    # --- model -------------------------------------------------------------------------------------
+    lora = recipe.lora
+    model = load_model(m.name_or_path, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                       attn_implementation=m.attn_implementation, vocab=len(tokenizer),
+                       quantize_4bit=bool(lora and lora.quantization == "4bit"))
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if lora is not None:
+        model = apply_lora(model, lora)
+    trainable, total = count_parameters(model)
+    if accelerator.is_main_process:
+        print(f"sft: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trained "
+              f"({'LoRA r=%d' % lora.r if lora else 'full'}), {len(train)} train / {len(evals)} eval examples")
+
+    steps = loop.total_steps(len(train), recipe.train)
+    optimizer = build_optimizer(model.parameters(), recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad_id, packing = tokenizer.pad_token_id, recipe.data.packing
+
+    # --- loss: response-token NLL, summed, divided by the step's global count of trained tokens -----
+    def make_loss(examples):
+        def micro_loss(idx, den):
+            batch = to_device(collate_sft([examples[i] for i in idx], pad_id, packing), accelerator.device)
+            logprobs, mask, _ = label_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                               batch["position_ids"])
+            nll = -masked_sum(logprobs, mask)
+            return nll / den["tokens"], {"loss": nll.detach() / den["tokens"]}
+        return micro_loss
+
+    def save_best():
+        save_model(accelerator, model, tokenizer, folder.partial / "best", base=m.name_or_path)
+
+    task = loop.Task(
+        n_train=len(train), lengths=[len(e["input_ids"]) for e in train],
+        weights=lambda idx: {"tokens": float(sum(trained_tokens(train[i]) for i in idx))},
+        micro_loss=make_loss(train), n_eval=len(evals),
+        eval_weights=lambda idx: {"tokens": float(sum(trained_tokens(evals[i]) for i in idx))},
+        eval_loss=make_loss(evals),
+        finalize=lambda s: {**s, "perplexity": math.exp(min(s["loss"], 50.0))} if "loss" in s else s,
+        best_key="eval/loss" if recipe.train.eval_every else None, on_best=save_best)
+    metrics = loop.run(accelerator, folder, recipe.train, recipe.seed, model, optimizer, scheduler, task, "sft")
+
+    # --- artifact: adapter (or full model) + tokenizer, and a sample table --------------------------
+    info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=m.name_or_path)
+    if accelerator.is_main_process and recipe.samples:
+        records = (split.eval or split.train)[: recipe.samples]
+        prompt_ids = tokenizer([r.prompt for r in records], add_special_tokens=True)["input_ids"]
+        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids, recipe.generate, accelerator.device)
+        write_samples(folder.partial / "samples.md",
+                      [{"prompt": r.prompt, **row} for r, row in zip(records, rows)])
+    return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
+                         derived=derived(recipe))

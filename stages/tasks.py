@@ -1,0 +1,47 @@
+"""`tasks` stage: write the built-in verifiable task suite as ordinary data files.
+
+Output (all JSONL in the formats of data_formats.schemas, plus the corpus as text):
+    corpus.txt         pretraining documents separated by blank lines
+    sft.jsonl          Alpaca records (a fraction `sft_noise` with plausible wrong outputs)
+    sft_eval.jsonl     Alpaca records with correct outputs (held out)
+    prefs.jsonl        {"instruction", "input", "chosen", "rejected"} (chosen correct)
+    prefs_eval.jsonl   held-out pairs
+    prompts.jsonl      prompts for PPO rollouts
+    eval_prompts.jsonl held-out prompts with "task" and "answer" (gold scoring)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from data_formats import tasks
+from rlhf.artifacts import RunFolder
+from rlhf.errors import UserError
+from rlhf.runtime import partial_state
+from rlhf.recipes import TasksRecipe
+
+
+def run(recipe: TasksRecipe) -> Path:
+    state = partial_state()
+    folder = RunFolder(recipe, state.is_main_process, state.wait_for_everyone)
+    if folder.finished:
+        return folder.final
+
+    try:
+        suite = tasks.generate(recipe.tasks, recipe.seed)
+    except ValueError as err:
+        raise UserError(str(err), None, "tasks") from None
+
+    files = {}
+    if state.is_main_process:
+        (folder.partial / "corpus.txt").write_text("\n\n".join(suite.pop("corpus")) + "\n")
+        files["corpus.txt"] = recipe.tasks.corpus_documents
+        for name, rows in suite.items():
+            with open(folder.partial / f"{name}.jsonl", "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+            files[f"{name}.jsonl"] = len(rows)
+        folder.counts = {"records": files}
+    return folder.finish(metrics={}, extra={"files": files})
