@@ -41,6 +41,7 @@ def _quiet_libraries() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         import warnings
 
         warnings.filterwarnings("ignore", category=UserWarning, module="peft")

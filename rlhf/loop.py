@@ -123,7 +123,8 @@ def run(accelerator, folder, train, seed: int, model, optimizer, scheduler, task
                         train.keep_checkpoints)
 
     bar = tqdm(total=steps, initial=state["step"], desc=stage, disable=not accelerator.is_main_process,
-               dynamic_ncols=True, file=sys.stderr)
+               dynamic_ncols=True, file=sys.stderr,
+               mininterval=0.1 if sys.stderr.isatty() else 15.0)
     model.train()
     # train stats summed since the last log line (restored on resume, so logs match an uninterrupted run)
     window: Stats = {k: torch.tensor(v, device=accelerator.device) for k, v in state.get("window", {}).items()}
@@ -172,7 +173,10 @@ def run(accelerator, folder, train, seed: int, model, optimizer, scheduler, task
                 metrics["train/nonfinite_skipped"] = guard.skipped
                 log.log(step, metrics)
                 final.update(metrics)
-                bar.set_postfix({k: f"{reduced[k]:.4g}" for k in task.progress if k in reduced}, refresh=False)
+                postfix = {k: f"{reduced[k]:.4g}" for k in task.progress if k in reduced}
+                if "tokens" in den:
+                    postfix["tok/s"] = f"{metrics['perf/trained_tokens_per_s']:.0f}"
+                bar.set_postfix(postfix, refresh=False)
             if task.n_eval and ((train.eval_every and step % train.eval_every == 0) or step == steps):
                 ev = evaluate(accelerator, model, task, train.micro_batch_size)
                 log.log(step, ev)

@@ -280,9 +280,11 @@ def apply_lora(model: nn.Module, lora, task: str = "causal_lm") -> nn.Module:
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:
-        msg = str(err).splitlines()[0]
-        raise UserError(f"{lora.target_modules!r} matches no module of the model ({msg})", None,
-                        "lora.target_modules") from None
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        if "not found" not in str(err) and "target modules" not in str(err).lower():
+            raise
+        raise UserError(f"{lora.target_modules!r} matches no module of the model (its linear layers: "
+                        f"{', '.join(linear)})", None, "lora.target_modules") from None
     if task == "seq_cls":
         for name, p in peft_model.named_parameters():
             if ".score." in name and "modules_to_save" in name:

@@ -167,7 +167,8 @@ def run(recipe: PPORecipe) -> Path:
 
     temperature = g.temperature or 1.0  # logprobs use the sampling temperature (greedy rollouts: 1)
     bar = tqdm(total=iterations, initial=state["iteration"], desc="ppo", disable=not accelerator.is_main_process,
-               dynamic_ncols=True, file=sys.stderr)
+               dynamic_ncols=True, file=sys.stderr,
+               mininterval=0.1 if sys.stderr.isatty() else 15.0)
     with Interrupt() as interrupt, bar:
         while state["iteration"] < iterations:
             it = state["iteration"]

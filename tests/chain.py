@@ -35,16 +35,20 @@ def paths(root: Path, text: str) -> str:
     return text.replace("runs/tiny", str(root))
 
 
-def recipe(stage: str, root: Path, *extra: str):
-    """The shipped tiny recipe of `stage`, redirected into `root` and shortened (plus `extra` overrides)."""
+def write_recipe(stage: str, root: Path) -> Path:
+    """The shipped tiny recipe of `stage` with its paths redirected into `root`."""
     import yaml
 
     raw = yaml.safe_load((TINY / f"{stage}.yaml").read_text())
-    text = paths(root, yaml.safe_dump(raw, sort_keys=False))
     path = root / "recipes" / f"{stage}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)  # noqa
-    return load_recipe(path, stage, SHORT[stage] + list(extra))
+    path.write_text(paths(root, yaml.safe_dump(raw, sort_keys=False)))
+    return path
+
+
+def recipe(stage: str, root: Path, *extra: str):
+    """The shipped tiny recipe of `stage`, redirected into `root` and shortened (plus `extra` overrides)."""
+    return load_recipe(write_recipe(stage, root), stage, SHORT[stage] + list(extra))
 
 
 def run_stage(stage: str, root: Path, *extra: str) -> Path:
@@ -61,5 +65,4 @@ def build_chain(root: Path) -> dict[str, Path]:
 
 def cli_args(stage: str, root: Path, *extra: str) -> list[str]:
     """`rlhf STAGE RECIPE overrides...` arguments for the shortened recipe (for subprocess runs)."""
-    recipe(stage, root, *extra)  # writes root/recipes/STAGE.yaml and validates
-    return [stage, str(root / "recipes" / f"{stage}.yaml"), *SHORT[stage], *extra]
+    return [stage, str(write_recipe(stage, root)), *SHORT[stage], *extra]

@@ -131,3 +131,26 @@ def test_non_finite_loss_stops_with_the_step_and_quantity(chain, tmp_path, capsy
     assert main(args) == 2
     assert re.fullmatch(f"error: {message}", capsys.readouterr().err.strip().splitlines()[-1])
     assert not (tmp_path / "nan").exists() and not (tmp_path / "nan.partial").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(chain, tmp_path):
+    out = tmp_path / "intr"
+    args = cli_args("sft", chain["root"], "train.max_steps=400", "train.epochs=30", "train.save_every=0",
+                    "train.log_every=1", f"output_dir={out}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = Path(f"{out}.partial") / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "resume with the same command" in err
+    step = int(err.split("interrupted at step ")[1].split()[0])
+    assert (Path(f"{out}.partial") / "checkpoints" / f"step-{step:08d}" / "state.json").is_file()
+    resumed = run_cli(args)
+    assert resumed.returncode == 0 and f"resuming from" in resumed.stderr
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["train/steps"] == 400

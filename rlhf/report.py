@@ -1,0 +1,179 @@
+"""`rlhf report RUN_DIR... [--out DIR]`: one Markdown and one HTML page with tables and PNG plots.
+
+A path is a run folder (has manifest.json) or a folder of run folders (e.g. runs/tiny). The page has
+the eval table (if an eval run is among them), then per stage its key final metrics and its training
+curves: SFT loss, RM accuracy, PPO score / gold accuracy / KL / entropy, DPO margin and accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+from pathlib import Path
+
+from rlhf.artifacts import read_manifest
+from rlhf.card import markdown_table
+from rlhf.errors import UserError
+
+ORDER = ["tasks", "pretrain", "sft", "rm", "ppo", "dpo", "eval", "export"]
+# per stage: subplots, each a title and the series it draws
+PLOTS = {
+    "pretrain": [("loss", ["train/loss", "eval/loss"])],
+    "sft": [("loss", ["train/loss", "eval/loss"]), ("perplexity", ["eval/perplexity"])],
+    "rm": [("pairwise accuracy", ["train/rewards/accuracy", "eval/rewards/accuracy"]),
+           ("loss", ["train/loss/pairwise", "eval/loss/pairwise"])],
+    "ppo": [("reward-model score", ["objective/score"]), ("gold accuracy vs proxy", ["gold/accuracy", "gold/proxy_score"]),
+            ("KL to reference (nats / response)", ["objective/kl"]), ("entropy (nats / token)", ["objective/entropy"])],
+    "dpo": [("implicit reward margin", ["train/rewards/margin", "eval/rewards/margin"]),
+            ("preference accuracy", ["train/rewards/accuracy", "eval/rewards/accuracy"]),
+            ("response logps", ["train/logps/chosen", "train/logps/rejected"])],
+}
+KEY_METRICS = {
+    "pretrain": ["eval/loss", "eval/perplexity"], "sft": ["train/loss", "eval/loss", "eval/perplexity"],
+    "rm": ["eval/rewards/accuracy", "eval/loss/pairwise", "reward/mean", "reward/std"],
+    "ppo": ["objective/score", "objective/kl", "gold/accuracy", "response/eos_rate", "kl_coef"],
+    "dpo": ["eval/rewards/accuracy", "eval/rewards/margin", "eval/logps/chosen", "eval/loss/dpo"],
+    "export": ["parity/cast_max_abs_logit_diff"],
+}
+
+
+def find_runs(paths: list[Path]) -> list[tuple[Path, dict]]:
+    """Run folders among `paths` (or directly inside them), in stage order."""
+    runs = []
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path} not found")
+        candidates = [path] if (path / "manifest.json").is_file() else sorted(p for p in path.iterdir() if p.is_dir())
+        for c in candidates:
+            manifest = read_manifest(c)
+            if manifest is None:
+                if c.name.endswith(".partial"):
+                    print(f"report: skipping {c} (unfinished run)", file=sys.stderr)
+                continue
+            runs.append((c, manifest))
+    if not runs:
+        raise UserError(f"no finished run folders in {', '.join(map(str, paths))}")
+    return sorted(runs, key=lambda r: (ORDER.index(r[1]["stage"]) if r[1]["stage"] in ORDER else 99, str(r[0])))
+
+
+def read_series(run: Path, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+    """metrics.jsonl -> {key: (steps, values)} for the keys present."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        for k in keys:
+            if isinstance(row.get(k), (int, float)):
+                out.setdefault(k, ([], []))
+                out[k][0].append(row["step"])
+                out[k][1].append(row[k])
+    return out
+
+
+def plot_run(run: Path, stage: str, out_png: Path) -> bool:
+    """One PNG with a subplot per panel of PLOTS[stage] that has data; False when nothing to plot."""
+    panels = [(title, read_series(run, keys)) for title, keys in PLOTS.get(stage, [])]
+    panels = [(t, s) for t, s in panels if s]
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for key, (steps, values) in series.items():
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{stage}: {run.name}", fontsize=11)
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return True
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _by_task_table(results: list[dict]) -> str:
+    tasks = sorted({t for r in results for t in (r.get("gold_accuracy_by_task") or {})})
+    if not tasks:
+        return ""
+    lines = ["| model | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for r in results:
+        acc = r.get("gold_accuracy_by_task") or {}
+        lines.append(f"| {r['model']} | " + " | ".join(f"{100 * acc[t]:.1f}%" if acc.get(t) is not None else "—"
+                                                      for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def build_report(paths: list[Path], out: Path) -> Path:
+    """Write README.md, index.html and one PNG per plotted stage into `out`; returns README.md."""
+    runs = find_runs(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# RLHF run report", ""]
+    body = ["<h1>RLHF run report</h1>"]
+    for run, manifest in runs:
+        if manifest["stage"] == "eval" and (run / "eval.json").is_file():
+            results = json.loads((run / "eval.json").read_text())["results"]
+            table, by_task = markdown_table(results), _by_task_table(results)
+            md += ["## Evaluation", "", f"`{run}`", "", table, ""]
+            body += ["<h2>Evaluation</h2>", _html_table(table)]
+            if by_task:
+                md += ["Gold accuracy (sampled) by task:", "", by_task, ""]
+                body += ["<p>Gold accuracy (sampled) by task:</p>", _html_table(by_task)]
+    for run, manifest in runs:
+        stage = manifest["stage"]
+        if stage == "eval":
+            continue
+        metrics = manifest.get("metrics", {})
+        shown = [f"{k} = {_fmt(metrics[k])}" for k in KEY_METRICS.get(stage, []) if metrics.get(k) is not None]
+        line = f"wall time {manifest.get('wall_time_s', 0):.0f} s" + (", " + ", ".join(shown) if shown else "")
+        md += [f"## {stage}: `{run}`", "", line, ""]
+        body += [f"<h2>{stage}: <code>{html.escape(str(run))}</code></h2>", f"<p>{html.escape(line)}</p>"]
+        png = out / f"{stage}-{run.name}.png"
+        if plot_run(run, stage, png):
+            md += [f"![{stage} curves]({png.name})", ""]
+            body.append(f'<img src="{png.name}" alt="{stage} curves" style="max-width:100%">')
+    readme = out / "README.md"
+    _write_atomic(readme, "\n".join(md) + "\n")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}")
+    _write_atomic(out / "index.html", f"<!doctype html><html><head><meta charset='utf-8'><title>RLHF report</title>"
+                                      f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return readme
+
+
+def _html_table(markdown: str) -> str:
+    rows = [r.strip().strip("|").split("|") for r in markdown.splitlines() if r.strip() and "---" not in r]
+    head, rest = rows[0], rows[1:]
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
+    return "<table><tr>" + cells(head, "th") + "</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rest) + "</table>"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders or folders of run folders")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first run>/report)")
+    args = parser.parse_args(argv)
+    out = args.out or (args.runs[0] / "report")
+    print(build_report(args.runs, out))
+    return 0

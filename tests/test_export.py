@@ -1,0 +1,94 @@
+"""export: parity check gating, the hub push (intercepted), tokens never written anywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+
+from rlhf.cli import main
+from tests.chain import cli_args, run_stage
+
+SECRET = "hf_s3cr3t_token_value"
+
+
+@pytest.fixture(scope="module")
+def sft_export_args(chain):
+    return lambda tmp, *extra: cli_args("export", chain["root"], f"source={chain['sft']}", f"output_dir={tmp}/exp",
+                                        *extra)
+
+
+class FakeHub:
+    """Stands in for the hub API: records calls, never touches the network."""
+
+    calls: list = []
+
+    def __init__(self, *a, **k):
+        pass
+
+    def create_repo(self, repo_id, private=True, exist_ok=False, repo_type=None):
+        FakeHub.calls.append(("create_repo", repo_id, private))
+
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        FakeHub.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, folder_path, repo_id, revision=None, commit_message=None):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        FakeHub.calls.append(("upload_folder", repo_id, revision, commit_message, files))
+
+        class Info:
+            oid = "abc123"
+            commit_url = f"https://huggingface.co/{repo_id}/commit/abc123"
+
+        return Info()
+
+
+def test_push_uses_the_hub_api_and_never_writes_the_token(sft_export_args, tmp_path, monkeypatch, capsys):
+    FakeHub.calls = []
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: SECRET)
+    args = sft_export_args(tmp_path, "export.push_to_hub=true", "export.hub_repo_id=someone/tiny-sft",
+                           "export.revision=v1", "export.commit_message=first")
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert [c[0] for c in FakeHub.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert FakeHub.calls[0][1:] == ("someone/tiny-sft", True)
+    _, repo, revision, message, files = FakeHub.calls[2]
+    assert (repo, revision, message) == ("someone/tiny-sft", "v1", "first")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"):
+        assert name in files
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert manifest["pushed"]["commit"] == "abc123"
+    everything = out.out + out.err + "".join(p.read_text(errors="ignore") for p in (tmp_path / "exp").rglob("*")
+                                             if p.is_file())
+    assert SECRET not in everything
+
+
+def test_no_token_is_a_clear_error_after_a_complete_local_export(sft_export_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(sft_export_args(tmp_path, "export.push_to_hub=true", "export.hub_repo_id=someone/x")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: export.push_to_hub: no Hugging Face token")
+    assert (tmp_path / "exp" / "manifest.json").is_file() and (tmp_path / "exp" / "model" / "config.json").is_file()
+
+
+def test_a_failed_parity_check_exports_nothing(sft_export_args, tmp_path, monkeypatch, capsys):
+    import stages.export
+
+    monkeypatch.setitem(stages.export.TOLERANCE, "float32", -1.0)  # no difference can pass
+    assert main(sft_export_args(tmp_path)) == 2
+    assert "parity check failed" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "exp.partial").exists()
+
+
+def test_reward_model_export_keeps_its_head(chain, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = run_stage("export", chain["root"], f"source={chain['rm']}", f"output_dir={tmp_path}/rm-export")
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert model.config.num_labels == 1 and (out / "model" / "reward_stats.json").is_file()
+    assert json.loads((out / "manifest.json").read_text())["model_info"]["task"] == "seq_cls"
