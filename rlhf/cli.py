@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join("  " + line for line in describe(RECIPES[command])))
                 return 0 if rest else 2
             out = run_stage(command, rest[0], rest[1:])
-            if out is not None:
+            if out is not None and os.environ.get("RANK", "0") == "0":
                 print(f"done: {out}")
             return 0
         if command == "check":

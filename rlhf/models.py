@@ -174,6 +174,7 @@ def load_model(spec: str, key: str = "model.name_or_path", *, task: str = "causa
         resize_embeddings(base, tok_vocab)
         # merge in float32, then cast: merging in bf16 would round the LoRA update away
         model = PeftModel.from_pretrained(base, where).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base for inference; a loaded model is trainable as usual
         if torch_dtype not in ("auto", torch.float32):
             model = model.to(torch_dtype)
     else:

@@ -9,6 +9,7 @@ response tokens (averaged per token for `ipo`).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -97,10 +98,13 @@ def run(recipe: DPORecipe) -> Path:
 
     # --- optional: reference logps of every pair, once, kept in the run folder -----------------------
     ref_cache: dict[str, torch.Tensor] = {}
+    precompute_s = 0.0
     if o.precompute_ref:
+        started = time.perf_counter()
         ref_cache = precompute_reference(accelerator, folder.partial / REF_FILE, {"train": train, "eval": evals},
                                          pad_id, recipe.train.micro_batch_size, ref_pass)
         reference = None  # training now holds only the policy
+        precompute_s = time.perf_counter() - started
 
     # --- loss ----------------------------------------------------------------------------------------
     def make_loss(pairs, name):
@@ -136,6 +140,7 @@ def run(recipe: DPORecipe) -> Path:
         eval_weights=weights(evals), eval_loss=make_loss(evals, "eval"),
         progress=("loss/dpo", "rewards/accuracy", "rewards/margin"))
     metrics = loop.run(accelerator, folder, recipe.train, recipe.seed, model, optimizer, scheduler, task, "dpo")
+    metrics["time/precompute_ref_s"] = precompute_s
 
     info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=m.name_or_path)
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},

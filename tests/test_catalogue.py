@@ -66,6 +66,8 @@ CASES = {
     "negative learning rate": (lambda c, t: ["train.lr=-0.1"], "train.lr: must be greater than 0, got -0.1"),
     "LoRA targets that match nothing": (lambda c, t: ["lora.target_modules=[nope_proj]"],
                                         "lora.target_modules: ['nope_proj'] matches no module"),
+    "QLoRA without a GPU": (lambda c, t: ["lora.quantization=4bit"],
+                            "lora.quantization: 4-bit QLoRA needs a CUDA GPU"),
     "tokenizer with pad = eos": (lambda c, t: [f"model.name_or_path={pad_is_eos_model(c, t)}"],
                                  "model.pad_token: the tokenizer of {t}/padeos pads with its EOS token"),
 }

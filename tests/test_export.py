@@ -92,3 +92,18 @@ def test_reward_model_export_keeps_its_head(chain, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
     assert model.config.num_labels == 1 and (out / "model" / "reward_stats.json").is_file()
     assert json.loads((out / "manifest.json").read_text())["model_info"]["task"] == "seq_cls"
+
+
+def test_export_shards_and_casts(chain, tmp_path):
+    out = run_stage("export", chain["root"], f"source={chain['sft']}", "export.dtype=bfloat16",
+                    "export.max_shard_size=100KB", f"output_dir={tmp_path}/sharded")
+    shards = sorted((out / "model").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model" / "model.safetensors.index.json").is_file()
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.dtype == __import__("torch").bfloat16
+    gen = GenerationConfig.from_pretrained(out / "model")
+    assert gen.pad_token_id != gen.eos_token_id
+    cast = json.loads((out / "manifest.json").read_text())["parity"]["cast"]
+    assert cast["logits_ok"] and cast["max_abs_logit_diff"] > 0  # bf16 differs a little, within tolerance

@@ -200,3 +200,40 @@ def test_eval_and_export(chain, ppo_run, monkeypatch):
     reference = load_model(str(ppo_run)).eval()
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     assert torch.allclose(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4)
+
+
+def test_a_tokenizer_without_pad_gets_a_dedicated_one(chain, tmp_path):
+    tok = AutoTokenizer.from_pretrained(chain["pretrain"] / "model")
+    base = tmp_path / "nopad"
+    AutoModelForCausalLM.from_pretrained(chain["pretrain"] / "model").save_pretrained(base)
+    raw = json.loads(tok.backend_tokenizer.to_str())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != tok.pad_token]
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    (base / "tokenizer.json").write_text(json.dumps(raw))
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    assert AutoTokenizer.from_pretrained(base).pad_token is None
+    run = run_stage("sft", chain["root"], f"model.name_or_path={base}", "train.max_steps=3",
+                    f"output_dir={tmp_path}/sft")
+    saved = AutoTokenizer.from_pretrained(run / "model")
+    assert saved.pad_token == "<|pad|>" and saved.pad_token_id != saved.eos_token_id
+    model = load_model(str(run))  # base resized the same way, adapter merged
+    assert model.get_input_embeddings().weight.shape[0] == len(saved)
+    fp = manifest(run)["model_info"]["fingerprint"]
+    from peft import PeftModel
+
+    plain = AutoModelForCausalLM.from_pretrained(base)
+    from rlhf.models import resize_embeddings
+
+    resize_embeddings(plain, len(saved))
+    logits = PeftModel.from_pretrained(plain, run / "model")(input_ids=torch.tensor([fp["input_ids"]])).logits
+    assert torch.allclose(logits[0, -1, :len(fp["values"])], torch.tensor(fp["values"]), atol=1e-5)
+
+
+def test_ipo_and_label_smoothing_runs(chain, tmp_path):
+    for extra in (["dpo.loss_type=ipo"], ["dpo.label_smoothing=0.1", "lora=null"]):
+        run = run_stage("dpo", chain["root"], "train.max_steps=2", "train.eval_every=0", *extra,
+                        f"output_dir={tmp_path}/{extra[0].split('=')[0]}")
+        loss = series(run, "train/loss/dpo")
+        assert loss and all(v == v for v in loss)
+        if "lora=null" in extra:  # a frozen copy is the reference; the output is a full model
+            assert (run / "model" / "model.safetensors").is_file()
