@@ -41,7 +41,8 @@ def build_model(size: str, folder: Path, seq_cls: bool = False) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|pad|>", "<s>", "</s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(synthetic_text(20000 if size != "tiny" else 2000), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<|pad|>")
     hf_tok.save_pretrained(folder)
     config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=hidden, num_hidden_layers=layers,
@@ -114,6 +115,28 @@ def mfu(params: int, tokens_per_s: float, peak: float) -> str:
     if not torch.cuda.is_available():
         return "n/a (CPU)"
     return f"{100 * 6 * params * tokens_per_s / peak:.1f}%"
+
+
+def step_timer():
+    """A fresh TrainerCallback that adds up the seconds spent inside TRL's training steps
+    (`.seconds`) and notes when the first step began (`.first`, for work done before it)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        seconds, start, first = 0.0, 0.0, None
+        times: list = []
+
+        def on_step_begin(self, *a, **k):
+            self.start = sync()
+            self.first = self.first or self.start
+
+        def on_step_end(self, *a, **k):
+            self.times.append(sync() - self.start)
+            self.seconds += self.times[-1]
+
+    timer = StepTimer()
+    timer.times = []
+    return timer
 
 
 def keep_known(cls, **kwargs):

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from common import build_model, keep_known, pair_records, peak_memory, reset_memory, run_ours, sync, table, write_jsonl
+from common import (build_model, keep_known, pair_records, peak_memory, reset_memory, run_ours, step_timer, sync, table,
+                    write_jsonl)
 
 
 def run_trl(model_dir: Path, records, template, args, precompute: bool, out: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -37,22 +38,13 @@ def run_trl(model_dir: Path, records, template, args, precompute: bool, out: Pat
                         save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available())
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
-    class StepTimer(TrainerCallback):
-        seconds, start, first = 0.0, 0.0, None
-
-        def on_step_begin(self, *a, **k):
-            StepTimer.start = sync()
-            StepTimer.first = StepTimer.first or StepTimer.start
-
-        def on_step_end(self, *a, **k):
-            StepTimer.seconds += sync() - StepTimer.start
-
-    trainer.add_callback(StepTimer)
+    timer = step_timer()
+    trainer.add_callback(timer)
     reset_memory()
     began = sync()
     trainer.train()  # the reference pre-pass (precompute_ref_log_probs) runs before the first step
-    before_first_step = (StepTimer.first - began) if precompute else 0.0
-    return {"seconds": StepTimer.seconds + before_first_step, "memory": peak_memory()}
+    before_first_step = (timer.first - began) if precompute else 0.0
+    return {"seconds": timer.seconds + before_first_step, "memory": peak_memory()}
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import WORDS, build_model, keep_known, reset_memory, run_ours, sync, table, write_jsonl
+from common import WORDS, build_model, keep_known, reset_memory, run_ours, step_timer, sync, table, write_jsonl
 
 
 def prompts(n: int, words: int, seed: int = 0) -> list[dict]:
@@ -55,7 +55,6 @@ def plain_generate(model_dir: Path, rows: list[dict], args) -> dict:
 
 def run_rloo(model_dir: Path, rm_dir: Path, rows: list[dict], args, out: Path) -> float:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
     config = keep_known(RLOOConfig, output_dir=str(out), per_device_train_batch_size=args.batch, num_generations=2,
@@ -66,18 +65,10 @@ def run_rloo(model_dir: Path, rm_dir: Path, rows: list[dict], args, out: Path) -
     trainer = RLOOTrainer(model=str(model_dir), reward_funcs=str(rm_dir), args=config,
                           train_dataset=Dataset.from_list(rows))
 
-    class StepTimer(TrainerCallback):
-        times: list = []
-
-        def on_step_begin(self, *a, **k):
-            StepTimer.start = sync()
-
-        def on_step_end(self, *a, **k):
-            StepTimer.times.append(sync() - StepTimer.start)
-
-    trainer.add_callback(StepTimer)
+    timer = step_timer()
+    trainer.add_callback(timer)
     trainer.train()
-    steady = StepTimer.times[1:] or StepTimer.times
+    steady = timer.times[1:] or timer.times
     return args.batch / (sum(steady) / len(steady))
 
 

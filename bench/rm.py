@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from common import build_model, keep_known, pair_records, peak_memory, reset_memory, run_ours, sync, table, write_jsonl
+from common import (build_model, keep_known, pair_records, peak_memory, reset_memory, run_ours, step_timer, table,
+                    write_jsonl)
 
 
 def run_trl(model_dir: Path, records, template, args, out: Path) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -36,19 +37,11 @@ def run_trl(model_dir: Path, records, template, args, out: Path) -> dict:
                         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=args.checkpointing)
     trainer = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
 
-    class StepTimer(TrainerCallback):
-        seconds, start = 0.0, 0.0
-
-        def on_step_begin(self, *a, **k):
-            StepTimer.start = sync()
-
-        def on_step_end(self, *a, **k):
-            StepTimer.seconds += sync() - StepTimer.start
-
-    trainer.add_callback(StepTimer)
+    timer = step_timer()
+    trainer.add_callback(timer)
     reset_memory()
     trainer.train()
-    return {"seconds": StepTimer.seconds, "memory": peak_memory()}
+    return {"seconds": timer.seconds, "memory": peak_memory()}
 
 
 def main() -> None:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from common import (H100_BF16_FLOPS, alpaca_records, build_model, keep_known, mfu, peak_memory, reset_memory,
-                    run_ours, sync, table, write_jsonl)
+                    run_ours, step_timer, table, write_jsonl)
 
 
 def response_tokens(records, tokenizer, template) -> tuple[int, int]:
@@ -33,7 +32,7 @@ def response_tokens(records, tokenizer, template) -> tuple[int, int]:
 def run_trl(model_dir: Path, records, template, args, lora: bool, out: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -52,19 +51,11 @@ def run_trl(model_dir: Path, records, template, args, lora: bool, out: Path) -> 
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear") if lora else None
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=peft)
 
-    class StepTimer(TrainerCallback):
-        seconds, start = 0.0, 0.0
-
-        def on_step_begin(self, *a, **k):
-            StepTimer.start = sync()
-
-        def on_step_end(self, *a, **k):
-            StepTimer.seconds += sync() - StepTimer.start
-
-    trainer.add_callback(StepTimer)
+    timer = step_timer()
+    trainer.add_callback(timer)
     reset_memory()
     trainer.train()
-    return {"seconds": StepTimer.seconds, "memory": peak_memory(), "steps": trainer.state.global_step}
+    return {"seconds": timer.seconds, "memory": peak_memory(), "steps": trainer.state.global_step}
 
 
 def main() -> None:

@@ -93,7 +93,7 @@ def load_split(section, parse: Callable, seed: int) -> Split:
 def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    return tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]  # truncation is ours
 
 
 def _left_truncate(ids: list[int], limit: int, bos: int | None) -> list[int]:

@@ -281,5 +281,6 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              "rewards/rejected": rejected_reward.mean(),
              "rewards/accuracy": (chosen_reward > rejected_reward).float().mean(),
              "rewards/margin": (chosen_reward - rejected_reward).mean(),
-             "logps/chosen": policy_chosen_logps.detach().mean(), "logps/rejected": policy_rejected_logps.detach().mean()}
+             "logps/chosen": policy_chosen_logps.detach().mean(),
+             "logps/rejected": policy_rejected_logps.detach().mean()}
     return loss, stats

@@ -25,7 +25,8 @@ PLOTS = {
     "sft": [("loss", ["train/loss", "eval/loss"]), ("perplexity", ["eval/perplexity"])],
     "rm": [("pairwise accuracy", ["train/rewards/accuracy", "eval/rewards/accuracy"]),
            ("loss", ["train/loss/pairwise", "eval/loss/pairwise"])],
-    "ppo": [("reward-model score", ["objective/score"]), ("gold accuracy vs proxy", ["gold/accuracy", "gold/proxy_score"]),
+    "ppo": [("reward-model score", ["objective/score"]),
+            ("gold accuracy vs proxy", ["gold/accuracy", "gold/proxy_score"]),
             ("KL to reference (nats / response)", ["objective/kl"]), ("entropy (nats / token)", ["objective/entropy"])],
     "dpo": [("implicit reward margin", ["train/rewards/margin", "eval/rewards/margin"]),
             ("preference accuracy", ["train/rewards/accuracy", "eval/rewards/accuracy"]),
@@ -160,7 +161,8 @@ def _html_table(markdown: str) -> str:
     rows = [r.strip().strip("|").split("|") for r in markdown.splitlines() if r.strip() and "---" not in r]
     head, rest = rows[0], rows[1:]
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
-    return "<table><tr>" + cells(head, "th") + "</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rest) + "</table>"
+    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rest)
+    return "<table><tr>" + cells(head, "th") + "</tr>" + body + "</table>"
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -38,7 +38,8 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tup
     return responses.masked_fill(~mask, pad_id), mask.long(), ended
 
 
-def hf_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, static_cache: bool = False) -> Generation:
+def hf_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int,
+                static_cache: bool = False) -> Generation:
     """transformers' `generate` (KV cache; a static, compilable cache on GPU when asked)."""
     sample = cfg.temperature > 0
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=eos_id, pad_token_id=pad_id,

@@ -100,8 +100,8 @@ def run(recipe: EvalRecipe) -> Path:
             prompts, _ = encode_prompts(load_split(data, parse_prompt, recipe.seed).train, tokenizer,
                                         e.max_prompt_len)
             model = load_model(spec, key, vocab=len(tokenizer), **load).to(device).eval()
-            ref = reference if reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0] \
-                else None
+            same_vocab = reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0]
+            ref = reference if same_vocab else None  # KL needs the same token ids
             # every model draws the same per-prompt noise (seeded decoder), so differences are the models'
             result = evaluate_model(name, model, tokenizer, prompts, recipe.generate, device, scorer, ref, e.greedy,
                                     e.samples_shown, recipe.seed)

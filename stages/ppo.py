@@ -272,7 +272,8 @@ def memory_report(actor, critic, reference, reward, device) -> str:
     trainable_critic, _ = count_parameters(critic)
     lines = [f"ppo roles on {device}:",
              f"  actor      {gib(module_bytes(actor))}  ({trainable_actor / 1e6:.3f}M trainable)",
-             f"  reference  {gib(module_bytes(reference)) if reference is not None else 'shared with actor (adapter off)'}",
+             "  reference  " + (gib(module_bytes(reference)) if reference is not None
+                                else "shared with the actor (adapter disabled)"),
              f"  critic     {gib(module_bytes(critic))}  ({trainable_critic / 1e6:.3f}M trainable)",
              f"  reward     {gib(module_bytes(reward))}  (frozen)"]
     return "\n".join(lines)

@@ -80,7 +80,7 @@ def train_tokenizer(docs: list[str], section, max_len: int):
 
 def pack_documents(docs: list[str], tokenizer, max_len: int) -> list[list[int]]:
     """Concatenate <s> doc </s> <s> doc </s> ... and cut into rows of `max_len` (the tail is dropped)."""
-    ids = tokenizer(docs, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]  # long documents are cut below
     stream = [t for doc in ids for t in doc + [tokenizer.eos_token_id]]
     return [stream[i:i + max_len] for i in range(0, len(stream) - max_len + 1, max_len)]
 
@@ -105,9 +105,10 @@ def run(recipe: PretrainRecipe) -> Path:
     if not train_rows:
         raise UserError(f"the corpus is shorter than one row of data.max_len={recipe.data.max_len} tokens",
                         None, "data.max_len")
+    sample = tokenizer(train_docs[:2000], verbose=False)["input_ids"]
     folder.counts = {"documents": len(docs), "eval_documents": n_eval, "train_rows": len(train_rows),
                      "eval_rows": len(eval_rows), "vocab_size": len(tokenizer),
-                     "doc_tokens": length_stats([len(t) for t in tokenizer(train_docs[:2000])["input_ids"]])}
+                     "doc_tokens": length_stats([len(t) for t in sample])}
 
     # --- model ---------------------------------------------------------------------------------
     arch = recipe.model

@@ -29,7 +29,7 @@ class CharTokenizer:
 
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
 
-    def __call__(self, texts, add_special_tokens=True):
+    def __call__(self, texts, add_special_tokens=True, verbose=True):
         ids = [[1] * add_special_tokens + [ord(c) + 3 for c in t] for t in texts]
         return {"input_ids": ids}
 
@@ -43,7 +43,8 @@ def test_alpaca_template_exact_strings():
 
 def test_template_from_file_and_unknown_name(tmp_path):
     path = tmp_path / "mine.json"
-    path.write_text(json.dumps({"prompt_input": "Q: {instruction} {input}\nA:", "prompt_no_input": "Q: {instruction}\nA:"}))
+    path.write_text(json.dumps({"prompt_input": "Q: {instruction} {input}\nA:",
+                                "prompt_no_input": "Q: {instruction}\nA:"}))
     assert load_template(str(path)).render("x", "y") == "Q: x y\nA:"
     with pytest.raises(UserError, match="unknown template 'nope'"):
         load_template("nope")

@@ -152,5 +152,5 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(chain, tmp_path):
     step = int(err.split("interrupted at step ")[1].split()[0])
     assert (Path(f"{out}.partial") / "checkpoints" / f"step-{step:08d}" / "state.json").is_file()
     resumed = run_cli(args)
-    assert resumed.returncode == 0 and f"resuming from" in resumed.stderr
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr
     assert json.loads((out / "manifest.json").read_text())["metrics"]["train/steps"] == 400
