@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from rlhf.config import apply_overrides, build, opt, read_yaml, req, section, to_dict
+from rlhf.config import apply_overrides, build, opt, read_yaml, req, section
 from rlhf.errors import RecipeError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -397,7 +397,3 @@ def check_derived(recipe, processes: int) -> None:
         raise RecipeError(f"{ppo.rollout_batch_size} is not divisible by {processes} processes",
                           key="ppo.rollout_batch_size")
 
-
-def resolved(recipe) -> dict:
-    """The fully resolved recipe as a plain dict (what recipe.yaml and the manifest hold)."""
-    return to_dict(recipe)

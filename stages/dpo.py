@@ -21,7 +21,8 @@ from rlhf.artifacts import RunFolder, expect_run
 from rlhf.data import collate_pairs, encode_preferences, eval_shard, length_stats, load_split, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import dpo_loss, masked_sum, sequence_logps
-from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer
+from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import DPORecipe, derived
 from rlhf.runtime import make_accelerator, seed_everything

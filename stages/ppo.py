@@ -30,7 +30,8 @@ from rlhf.errors import Interrupted, UserError
 from rlhf.forward import response_logprobs
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import gae, kl_penalized_rewards, masked_whiten, per_token_kl
-from rlhf.models import ScalarHead, apply_lora, count_parameters, load_model, load_tokenizer, module_bytes, save_model
+from rlhf.models import ScalarHead, apply_lora, count_parameters, load_model, load_tokenizer, module_bytes
+from rlhf.saving import save_model
 from rlhf.monitor import OverOptimisationMonitor, gold_eval
 from rlhf.optim import StepGuard, build_optimizer, build_scheduler
 from rlhf.ppo import Experience, global_whiten_stats, no_grad_passes, rollout_metrics, shape_scores, update

@@ -21,7 +21,8 @@ from rlhf.data import length_stats
 from rlhf.errors import DataError, UserError
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import DEFAULT_PAD, count_parameters, save_model
+from rlhf.models import DEFAULT_PAD, count_parameters
+from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import PretrainRecipe, derived
 from rlhf.runtime import make_accelerator, seed_everything

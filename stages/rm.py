@@ -19,7 +19,8 @@ from rlhf import loop
 from rlhf.artifacts import RunFolder, expect_run, write_json_atomic
 from rlhf.data import collate_pairs, encode_preferences, eval_shard, length_stats, load_split, to_device
 from rlhf.losses import pairwise_loss
-from rlhf.models import ScalarHead, apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhf.models import ScalarHead, apply_lora, count_parameters, load_model, load_tokenizer
+from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import RMRecipe, derived
 from rlhf.runtime import global_sums, make_accelerator, seed_everything

@@ -16,7 +16,8 @@ from rlhf.artifacts import RunFolder, expect_run
 from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer
+from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import SFTRecipe, derived
 from rlhf.rollout import complete, write_samples

@@ -235,3 +235,15 @@ def test_read_records_folder(tmp_path):
     rows = read_records(str(tmp_path), "train", Invalid(False), "data.train")
     assert [r.data["x"] for r in rows] == [1, 2, 3]
     assert rows[2].where.endswith("b.jsonl:2")
+
+
+def test_parquet_files_are_read_with_row_numbers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": "q1", "output": "a"}, {"instruction": "q2", "output": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d.parquet:row 2: output: missing"):
+        load_split(SFTData(train=str(tmp_path / "d.parquet")), parse_alpaca, seed=0)
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "ok.parquet")
+    assert load_split(SFTData(train=str(tmp_path / "ok.parquet")), parse_alpaca, seed=0).train[0].response == "a"

@@ -45,6 +45,11 @@ def test_run_folders_are_complete(chain):
             assert m["metrics"]["train/steps"] > 0 and m["wall_time_s"] > 0
             assert not (run / "checkpoints").exists()
     assert manifest(chain["sft"])["inputs"]["model"]["path"] == str(chain["pretrain"].resolve())
+    # the resolved recipe is complete: it loads as it is and equals the manifest's copy
+    from rlhf.config import to_dict
+    from rlhf.recipes import load_recipe
+
+    assert to_dict(load_recipe(chain["sft"] / "recipe.yaml")) == manifest(chain["sft"])["recipe"]
 
 
 def test_pretrain_learns_and_loads_with_plain_transformers(chain):

@@ -1,0 +1,103 @@
+"""Saving trained models as plain Hugging Face folders, and checking what was written.
+
+Every model folder a stage writes goes through `save_model`: an HF folder (full model or peft adapter)
+with the tokenizer and a generation config with pad != eos, then `verify_model_dir` reloads it (tensors
+present, non-empty, finite; config and tokenizer load). `fingerprint` records the in-memory model's
+outputs on a fixed probe so that a reload can be compared with the model as it was at the end of training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from rlhf.models import ScalarHead, hf_model, model_dir
+
+def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str | None = None) -> dict:
+    """Write `path` as an HF folder: a peft adapter (its `base_model_name_or_path` = `base`) or a full
+    model, plus the tokenizer and a generation config with pad != eos. Returns the manifest's
+    `model_info`. Call on every process (FSDP/ZeRO-3 gather the weights collectively)."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    state = None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        state = accelerator.get_state_dict(model)  # gathered full weights (collective)
+    if isinstance(unwrapped, ScalarHead):
+        unwrapped = unwrapped.model
+        state = {k[len("model."):]: v for k, v in state.items()} if state is not None else None
+    is_adapter = hasattr(unwrapped, "peft_config")
+    hf = hf_model(unwrapped)
+    task = "seq_cls" if hasattr(hf, "score") and not hasattr(hf, "lm_head") else "causal_lm"
+    info = {"kind": "adapter" if is_adapter else "full", "task": task}
+    if accelerator.is_main_process:
+        info["fingerprint"] = fingerprint(unwrapped, tokenizer)
+        path.mkdir(parents=True, exist_ok=True)
+        if is_adapter:
+            info["base"] = str(Path(base).resolve()) if base and Path(base).exists() else base
+            unwrapped.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
+            cfg_path = path / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            base_dir, _ = model_dir(base, "model.name_or_path") if base else (None, None)
+            # plain peft loads the adapter onto this folder (a full model unless the parent is an adapter too)
+            cfg["base_model_name_or_path"] = str(Path(base_dir).resolve()) if base_dir and Path(base_dir).exists() \
+                else base_dir
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+        else:
+            unwrapped.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(path))
+        gen = getattr(hf, "generation_config", None)
+        if task == "causal_lm" and gen is not None:
+            gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+            if tokenizer.bos_token_id is not None:
+                gen.bos_token_id = tokenizer.bos_token_id
+            gen.save_pretrained(str(path))
+        verify_model_dir(path, info)
+    accelerator.wait_for_everyone()
+    return info
+
+
+def fingerprint(model: nn.Module, tokenizer, width: int = 8) -> dict:
+    """Outputs of the in-memory model on a fixed probe, stored in the manifest: reloading the saved
+    files must reproduce them (tests and `verify` compare). Causal LMs: the first `width` logits at
+    the last position; scalar models: the value at every position."""
+    ids = [t for t in range(3, 3 + 12) if t < len(tokenizer)]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        hf = hf_model(model)
+        if hasattr(hf, "score") and not hasattr(hf, "lm_head"):
+            values = ScalarHead(model)(x, torch.ones_like(x))[0].tolist()
+        else:
+            values = model(input_ids=x).logits[0, -1, :width].float().tolist()
+    model.train(was_training)
+    return {"input_ids": ids, "values": values}
+
+
+def verify_model_dir(path: Path, info: dict) -> None:
+    """Reload what was written: tensors present, non-empty and finite; config and tokenizer load."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"{path}: no safetensors weights were written")
+    count = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.numel() == 0 or (t.is_floating_point() and not torch.isfinite(t).all()):
+                    raise RuntimeError(f"{file}: tensor {name} is empty or not finite")
+                count += 1
+    if count == 0:
+        raise RuntimeError(f"{path}: the weights file holds no tensors")
+    AutoTokenizer.from_pretrained(str(path))
+    if info["kind"] == "full":
+        AutoConfig.from_pretrained(str(path))
