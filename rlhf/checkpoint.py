@@ -6,7 +6,8 @@ optimiser and scheduler states are loaded with `torch.load(weights_only=True)`; 
 and safetensors (no pickle anywhere).
 
 Under FSDP or DeepSpeed the sharded model and optimiser states are saved by `accelerator.save_state`,
-the rest as here.
+the rest as here. Every process writes its own RNG state into the checkpoint folder, so a multi-node
+run needs `output_dir` on a filesystem that all nodes share (as `accelerate save_state` does too).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def save(folder: Path, step: int, accelerator, state: dict, modules: dict, optim
             save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp / f"{name}.safetensors"))
         for name, opt in optimizers.items():
             torch.save(opt.state_dict(), tmp / f"{name}.optimizer.pt")
+        if accelerator.scaler is not None:  # fp16 loss scale and its growth tracker
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     if accelerator.is_main_process:
         for name, sched in schedulers.items():
             torch.save(sched.state_dict(), tmp / f"{name}.scheduler.pt")
@@ -114,6 +117,8 @@ def load(path: Path, accelerator, modules: dict, optimizers: dict, schedulers: d
             target.load_state_dict(weights, strict=False)
         for name, opt in optimizers.items():
             opt.load_state_dict(torch.load(path / f"{name}.optimizer.pt", map_location="cpu", weights_only=True))
+        if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+            accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     for name, sched in schedulers.items():
         sched.load_state_dict(torch.load(path / f"{name}.scheduler.pt", weights_only=True))
     rank = accelerator.process_index

@@ -34,11 +34,13 @@ def label_logprobs(model, input_ids, labels, attention_mask=None, position_ids=N
 
 
 def response_logprobs(model, sequences, attention_mask, prompt_width: int, temperature: float = 1.0,
-                      with_entropy: bool = False):
+                      with_entropy: bool = False, entropy_grad: bool = True):
     """Log-probabilities of the response part of left-padded prompt + right-padded response rows.
 
     sequences, attention_mask: (B, P + A) with the prompt in the first P columns. Returns logprobs
     (B, A) (and entropy (B, A) when asked); position ids start at 0 on each row's first real token.
+    `entropy_grad=False` computes the entropy for statistics only: its (B, A, V) softmax is then not kept
+    for the backward pass (PPO with entropy_coef 0).
     """
     width = sequences.shape[1]
     cols = torch.arange(prompt_width - 1, width - 1, device=sequences.device)  # predictors of the A tokens
@@ -46,5 +48,8 @@ def response_logprobs(model, sequences, attention_mask, prompt_width: int, tempe
                 position_ids=position_ids_from_mask(attention_mask), logits_to_keep=cols, use_cache=False)
     logits = out.logits  # (B, A, V)
     logprobs = logprobs_from_logits(logits, sequences[:, prompt_width:], temperature)
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits, temperature)
     return logprobs, entropy

@@ -16,7 +16,6 @@ them over micro-batches and processes gives the step's means.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -31,7 +30,7 @@ from rlhf.artifacts import MetricsLog
 from rlhf.data import eval_shard, plan_batches, steps_per_epoch
 from rlhf.errors import Interrupted, UserError
 from rlhf.optim import StepGuard, optimizer_step
-from rlhf.runtime import Interrupt, global_sum, global_sums
+from rlhf.runtime import Interrupt, global_sum, global_sums, micro_batch
 
 Stats = dict[str, torch.Tensor]
 
@@ -143,16 +142,16 @@ def run(accelerator, folder, train, seed: int, model, optimizer, scheduler, task
             den = global_sums(accelerator, local)
             loss_total = torch.zeros((), device=accelerator.device)
             for i, idx in enumerate(micros):
-                sync = i == len(micros) - 1
-                with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss, stats = task.micro_loss(idx, den)
-                # DDP averages gradients over processes; our loss is this process's share of the global mean
-                accelerator.backward(loss * world)
+                with micro_batch(accelerator, [model], last=i == len(micros) - 1):
+                    with accelerator.autocast():
+                        loss, stats = task.micro_loss(idx, den)
+                    # DDP averages gradients over processes; our loss is this process's share of the global mean
+                    accelerator.backward(loss * world)
                 loss_total += loss.detach().float()
                 _sum_into(window, stats)
             loss_value = float(global_sum(accelerator, loss_total))
-            step_stats = optimizer_step(accelerator, model, optimizer, scheduler, train.max_grad_norm, guard,
-                                        step + 1, loss_value)
+            step_stats = optimizer_step(accelerator, {"train": (model, optimizer, scheduler)}, train.max_grad_norm,
+                                        guard, step + 1, loss_value)
             step += 1
             state["step"] = step
             elapsed = time.perf_counter() - started

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
 from rlhf.errors import TrainingStopped
@@ -55,28 +56,35 @@ class StepGuard:
         self.skipped = int(state["skipped"])
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None, guard: StepGuard,
+def optimizer_step(accelerator, parts: dict[str, tuple], max_grad_norm: float | None, guard: StepGuard,
                    step: int, loss_value: float) -> dict:
-    """Clip, check, step. A non-finite loss or gradient norm skips the update (gradients dropped).
+    """Clip, check and step every `name: (model, optimizer, scheduler)` of `parts` together.
 
-    Returns `{"train/grad_norm": ..., "train/lr": ..., "train/skipped": 0 or 1}`.
+    One decision per step: a non-finite loss or gradient norm skips the update of all of them (PPO's
+    actor and critic) and is counted once. Returns `{"<name>/grad_norm", "<name>/lr", "train/skipped"}`.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if max_grad_norm is not None:
-        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
-    else:
-        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-        grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
-    grad_norm = float(grad_norm)
-    if accelerator.scaler is not None:
-        # fp16: the grad scaler skips steps with inf gradients itself and lowers its scale; only a
-        # non-finite loss is ours to count
-        ok = guard.check(step, "loss", loss_value)
-        optimizer.step()
-    else:
-        ok = guard.check(step, "loss", loss_value) and guard.check(step, "gradient norm", grad_norm)
-        if ok:
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.scaler is not None and len(parts) > 1:
+        raise ValueError("fp16 loss scaling with several optimizers is not supported (one shared grad scaler)")
+    # all parameters, not only trainable ones: under FSDP accelerate clips through the wrapped module only
+    # when it is given exactly that module's parameter list; frozen parameters have no gradient anyway.
+    # max_grad_norm None = measure only (an infinite bound scales nothing).
+    norms = {name: accelerator.clip_grad_norm_(list(model.parameters()), max_grad_norm or math.inf)
+             for name, (model, _, _) in parts.items()}
+    norms = {name: float("nan") if n is None else float(n) for name, n in norms.items()}
+    ok = guard.check(step, "loss", loss_value)
+    if accelerator.scaler is None and not deepspeed:
+        # (fp16: the grad scaler skips steps with inf gradients itself and lowers its scale)
+        for name, norm in norms.items():
+            ok = ok and guard.check(step, "gradient norm" if len(parts) == 1 else f"{name} gradient norm", norm)
+    out = {"train/skipped": float(not ok)}
+    for name, (_, optimizer, scheduler) in parts.items():
+        # DeepSpeed's engine already clipped (its config's gradient_clipping) and stepped inside
+        # `accelerator.backward` on the last micro-batch; accelerate makes these calls no-ops then.
+        if ok or accelerator.scaler is not None or deepspeed:
             optimizer.step()
-    scheduler.step()  # the schedule advances either way so a skipped step does not shift later ones
-    optimizer.zero_grad(set_to_none=True)
-    return {"train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0], "train/skipped": float(not ok)}
+        scheduler.step()  # the schedule advances either way so a skipped step does not shift later ones
+        optimizer.zero_grad(set_to_none=True)
+        out[f"{name}/grad_norm"] = norms[name]
+        out[f"{name}/lr"] = scheduler.get_last_lr()[0]
+    return out

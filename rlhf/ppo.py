@@ -5,7 +5,6 @@ The math they call is in `rlhf.losses`; the order of the phases is in `stages/pp
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,7 @@ from rlhf.forward import response_logprobs
 from rlhf.losses import masked_mean, ppo_policy_loss, ppo_value_loss
 from rlhf.models import position_ids_from_mask
 from rlhf.optim import optimizer_step
-from rlhf.runtime import global_sum, global_sums
+from rlhf.runtime import global_sum, global_sums, micro_batch
 
 
 @dataclass
@@ -119,22 +118,22 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
             loss_sum = torch.zeros((), device=exp.mask.device)
             for j in range(0, len(rows), micro):
                 r = rows[j:j + micro]
-                sync = j + micro >= len(rows)
-                no_sync = (contextlib.nullcontext(), contextlib.nullcontext()) if sync else \
-                    (accelerator.no_sync(actor), accelerator.no_sync(critic))
                 mask = exp.mask[r]
-                with no_sync[0], no_sync[1], accelerator.autocast():
-                    logprobs, entropy = response_logprobs(actor, exp.sequences[r], exp.attention_mask[r],
-                                                          exp.prompt_width, temperature, with_entropy=True)
-                    values = critic_values(critic, exp.sequences[r], exp.attention_mask[r], exp.prompt_width)
-                    pg_loss, pg = ppo_policy_loss(logprobs.float(), exp.old_logprobs[r], exp.advantages[r], mask,
-                                                  cfg.clip_range, normalizer=tokens, max_log_ratio=cfg.max_log_ratio)
-                    vf_loss, vf = ppo_value_loss(values.float(), exp.old_values[r], exp.returns[r], mask,
-                                                 cfg.clip_range_value, normalizer=tokens)
-                    ent = masked_mean(entropy.float(), mask, normalizer=tokens)
-                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
-                # DDP averages gradients over processes; the loss is this process's share of the global mean
-                accelerator.backward(loss * world)
+                with micro_batch(accelerator, [actor, critic], last=j + micro >= len(rows)):
+                    with accelerator.autocast():
+                        logprobs, entropy = response_logprobs(actor, exp.sequences[r], exp.attention_mask[r],
+                                                              exp.prompt_width, temperature, with_entropy=True,
+                                                              entropy_grad=cfg.entropy_coef != 0)
+                        values = critic_values(critic, exp.sequences[r], exp.attention_mask[r], exp.prompt_width)
+                        pg_loss, pg = ppo_policy_loss(logprobs.float(), exp.old_logprobs[r], exp.advantages[r],
+                                                      mask, cfg.clip_range, normalizer=tokens,
+                                                      max_log_ratio=cfg.max_log_ratio)
+                        vf_loss, vf = ppo_value_loss(values.float(), exp.old_values[r], exp.returns[r], mask,
+                                                     cfg.clip_range_value, normalizer=tokens)
+                        ent = masked_mean(entropy.float(), mask, normalizer=tokens)
+                        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
+                    # DDP averages gradients over processes; the loss is this process's share of the global mean
+                    accelerator.backward(loss * world)
                 loss_sum += loss.detach()
                 share = mask.sum() / tokens
                 stats = {**pg, **vf, "policy/entropy": ent.detach()}
@@ -147,11 +146,13 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
                 sums["policy/ratio_clamped"] = sums.get("policy/ratio_clamped", 0.0) + stats["policy/ratio_clamped"]
                 ratio_max = torch.maximum(ratio_max, stats["policy/ratio_max"])
             loss_value = float(global_sum(accelerator, loss_sum))
-            for name, model in (("actor", actor), ("critic", critic)):
-                out = optimizer_step(accelerator, model, optimizers[name], schedulers[name], train.max_grad_norm,
-                                     guard, step, loss_value)
+            # one step for both models: a non-finite loss skips (and counts) the actor and critic update together
+            out = optimizer_step(accelerator, {name: (model, optimizers[name], schedulers[name])
+                                               for name, model in (("actor", actor), ("critic", critic))},
+                                 train.max_grad_norm, guard, step, loss_value)
+            for name in ("actor", "critic"):
                 same_everywhere[f"{name}/grad_norm"] = same_everywhere.get(f"{name}/grad_norm", 0.0) + \
-                    out["train/grad_norm"]
+                    out[f"{name}/grad_norm"]
             updates += 1
         if cfg.target_kl is not None:
             kl_now = float(global_sum(accelerator, epoch_kl)) / minibatches

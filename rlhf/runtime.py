@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 
@@ -22,10 +23,31 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
-    # We run gradient accumulation ourselves (token-weighted over the whole accumulated batch), so the
-    # accelerator steps the optimizer on every call we make. Without CUDA, a multi-process launch
-    # (`accelerate launch --multi_gpu --num_processes N` or torchrun) runs CPU processes over gloo.
+    # We run gradient accumulation ourselves (token-weighted over the whole accumulated batch, see
+    # `micro_batch`), so accelerate's own accumulation stays at 1 step and never rescales the loss.
+    # Without CUDA, a multi-process launch (`accelerate launch --multi_gpu --num_processes N` or
+    # torchrun) runs CPU processes over gloo.
     return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator: Accelerator, models, last: bool):
+    """Forward and backward of one micro-batch of an accumulated step; gradients are reduced over
+    processes only on the `last` one.
+
+    DDP skips the all-reduce inside `no_sync`. DeepSpeed's engine steps inside `accelerator.backward`
+    whenever accelerate's `sync_gradients` flag is set (its gradient-accumulation boundary), so the flag
+    must be False for every micro-batch but the last, or ZeRO would take one optimizer step per
+    micro-batch. accelerate sets this flag only inside its own `accumulate()`, whose step counting and
+    loss division we do not use (our losses are already divided by the global token count), so we set
+    it here. Call `accelerator.backward` inside the block.
+    """
+    accelerator.gradient_state._set_sync_gradients(last)
+    with contextlib.ExitStack() as stack:
+        if not last:
+            for model in models:
+                stack.enter_context(accelerator.no_sync(model))
+        yield
 
 
 def partial_state() -> PartialState:
