@@ -6,6 +6,7 @@ validation errors can point at it.
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,15 @@ def read_records(spec: str, split: str, invalid: Invalid, key: str) -> list[Raw]
 def _read_file(path: Path, invalid: Invalid) -> list[Raw]:
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    blob = path.read_bytes()
-    if path.suffix == ".json" or blob.lstrip()[:1] == b"[":
+    try:
+        blob = path.read_bytes()
+    except OSError as err:  # permissions, a broken network mount
+        raise DataError(f"cannot read: {err.strerror or err}", str(path)) from None
+    if blob.startswith(codecs.BOM_UTF8):
+        blob = blob[len(codecs.BOM_UTF8):]  # editors on Windows add it; json.loads refuses it
+    # the first non-space byte decides, not the suffix: many `.json` files (HF exports, pandas
+    # `to_json(lines=True)`) hold one record per line
+    if blob.lstrip()[:1] == b"[":
         return _read_json_array(path, blob, invalid)
     return _read_jsonl(path, blob, invalid)
 
@@ -124,9 +132,14 @@ def _skip_ws(text: str, i: int) -> int:
 
 
 def _read_parquet(path: Path) -> list[Raw]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as err:  # truncated, not parquet, unreadable
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot read as parquet: {first}", str(path)) from None
     return [Raw(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)]
 
 

@@ -19,6 +19,7 @@ from data_formats.templates import Template
 from rlhf.errors import DataError
 
 HH_SPLIT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
 
 
 @dataclass
@@ -72,6 +73,8 @@ def parse_alpaca(raw: Raw, template: Template) -> SFTRecord:
     """Alpaca record; an HH-RLHF pair also works (SFT on its chosen response, the usual HH recipe)."""
     if is_hh(raw):
         pair = hh_split(raw)
+        if not pair.chosen.strip():  # nothing after the last Assistant turn: only EOS would be trained
+            raise DataError("response is empty", raw.where, "chosen")
         return SFTRecord(raw.where, pair.prompt, pair.chosen)
     prompt = prompt_of(raw, template)
     return SFTRecord(raw.where, prompt, _text(raw, "output"))
@@ -87,9 +90,11 @@ def parse_prompt(raw: Raw, template: Template) -> PromptRecord:
 
 
 def is_hh(raw: Raw) -> bool:
+    """An HH-RLHF transcript pair: no prompt field, and a chosen text with Human/Assistant turns (a Human
+    turn alone counts, so that a transcript missing its Assistant turn is reported as such)."""
     d = raw.data
     return ("prompt" not in d and "instruction" not in d and isinstance(d.get("chosen"), str)
-            and HH_SPLIT in d["chosen"])
+            and (HH_SPLIT in d["chosen"] or HH_HUMAN in d["chosen"]))
 
 
 def hh_split(raw: Raw) -> PreferenceRecord:

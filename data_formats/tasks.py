@@ -131,6 +131,18 @@ def has_gold(meta: dict) -> bool:
     return meta.get("task") in FAMILIES and ("answer" in meta or "input" in meta)
 
 
+def alphabet_problem(alphabet: str) -> str | None:
+    """Why `alphabet` cannot make tasks, or None. Wrong answers replace a letter by another one (so two
+    distinct letters are needed), and `upper` must change every letter (so only a-z: 'Z'.upper() or '1'.upper()
+    would leave the corrupted answer equal to the right one)."""
+    bad = sorted({c for c in alphabet if not ("a" <= c <= "z")})
+    if bad:
+        return f"expected lowercase ASCII letters a-z only, got {''.join(bad)!r} in {alphabet!r}"
+    if len(set(alphabet)) < 2:
+        return f"expected at least 2 distinct letters, got {alphabet!r}"
+    return None
+
+
 def _instances(cfg, rng: random.Random, n: int, seen: set) -> list[tuple[str, Items]]:
     out = []
     letters = list(cfg.alphabet)
@@ -158,8 +170,11 @@ def _record(family: str, items: Items) -> dict:
 def generate(cfg, seed: int) -> dict[str, list]:
     """All splits of the suite from one seed (deterministic). `cfg` is a TaskSuiteSection."""
     unknown = [f for f in cfg.families if f not in FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown task families {unknown}; known: {', '.join(FAMILIES)}")
+    if unknown or not cfg.families:
+        raise ValueError(f"families: expected names from {', '.join(FAMILIES)}, got {cfg.families}")
+    problem = alphabet_problem(cfg.alphabet)
+    if problem:
+        raise ValueError(f"alphabet: {problem}")
     rng = random.Random(seed)
     seen: set = set()
     # held-out instances first, so that no training split can contain them

@@ -1,9 +1,11 @@
 """`rlhf check RECIPE [key=value ...]`: pre-flight for any stage's recipe, in seconds.
 
-Validates the recipe and every data record (first error with file:line), loads the tokenizer, checks
-pad != eos, that EOS ends the trained labels, that the reward head reads the last non-pad token, and
-prints two rendered examples showing which tokens are trained, the token-length distribution and how
-many records truncation drops. Exit 0 when ready, 2 when not (the CLI prints the error line).
+Validates the recipe and every data file the stage will read (training data, ppo gold prompts, the
+pretraining corpus, eval prompts, export parity prompts; first error with file:line), loads the
+tokenizers, checks pad != eos, that EOS ends the trained labels, that the reward head reads the last
+non-pad token, and prints two rendered examples showing which tokens are trained, the token-length
+distribution and how many records truncation drops or cuts (information: the stages train on cut
+records). Exit 0 when ready, 2 when not (the CLI prints the error line).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import sys
 
 from data_formats.schemas import parse_alpaca, parse_preference, parse_prompt
+from data_formats.tasks import has_gold
 from rlhf.artifacts import expect_run
 from rlhf.data import (IGNORE_INDEX, collate_pairs, encode_preferences, encode_prompts, encode_sft, length_stats,
-                       load_split)
+                       load_gold_prompts, load_split, read_corpus)
+from rlhf.errors import UserError
 from rlhf.models import last_token_index, load_tokenizer, model_dir
-from rlhf.recipes import load_recipe
+from rlhf.recipes import SFTData, load_recipe
 
 
 class Style:
@@ -54,18 +58,33 @@ def _report(title: str, counts: dict, lengths: list[int]) -> None:
     print(f"tokens per example: {length_stats(lengths)}")
 
 
+SHOWN = 2  # rendered examples printed per check
+
+
+def _show(texts: list[str], title: str = "---") -> None:
+    for text in texts[:SHOWN]:
+        print(title)
+        print(text)
+
+
 def check_sft(recipe, tokenizer, style: Style) -> None:
-    split = load_split(recipe.data, parse_alpaca, recipe.seed)
-    examples, counts = encode_sft(split.train, tokenizer, recipe.data.max_len, recipe.data.train_on_prompt)
+    d = recipe.data
+    split = load_split(d, parse_alpaca, recipe.seed)
+    examples, counts = encode_sft(split.train, tokenizer, d.max_len, d.train_on_prompt,
+                                  max_prompt_len=d.max_prompt_len)
     _report("sft data", {**split.counts, **counts}, [len(e["input_ids"]) for e in examples])
     no_eos = sum(1 for e in examples if e["labels"][-1] != tokenizer.eos_token_id)
     if no_eos == len(examples):
         raise_error("no example ends its trained labels with EOS: the model would never learn to stop",
                     "data.max_len")
     print(f"EOS ends the labels of {len(examples) - no_eos} of {len(examples)} examples (the rest were cut)")
-    for e in examples[:2]:
-        print("---")
-        print(render(tokenizer, e["input_ids"], [lab != IGNORE_INDEX for lab in e["labels"]], style))
+    _show([render(tokenizer, e["input_ids"], [lab != IGNORE_INDEX for lab in e["labels"]], style)
+           for e in examples])
+
+
+def _whole(pair: dict, eos: int) -> bool:
+    """Both responses still end in EOS, i.e. truncation cut neither."""
+    return pair["chosen_ids"][-1] == eos and pair["rejected_ids"][-1] == eos
 
 
 def check_pairs(recipe, tokenizer, style: Style, reward_head: bool) -> None:
@@ -74,33 +93,95 @@ def check_pairs(recipe, tokenizer, style: Style, reward_head: bool) -> None:
     pairs, counts = encode_preferences(split.train, tokenizer, d.max_len, d.max_prompt_len)
     _report("preference data", {**split.counts, **counts},
             [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs])
-    batch = collate_pairs(pairs[:2], tokenizer.pad_token_id)
+    # the stage trains on truncated pairs too, so truncation is information here, not a failure; the
+    # examples shown (and the reward-head check) use pairs that kept their EOS when there are any
+    eos = tokenizer.eos_token_id
+    shown = [p for p in pairs if _whole(p, eos)][:SHOWN] or pairs[:SHOWN]
+    batch = collate_pairs(shown, tokenizer.pad_token_id)
     last = last_token_index(batch["attention_mask"])
-    shown = len(pairs[:2])
     for row in range(batch["input_ids"].shape[0]):
         ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
-        print("--- chosen" if row < shown else "--- rejected")
+        print("--- chosen" if row < len(shown) else "--- rejected")
         print(render(tokenizer, ids, [lab != IGNORE_INDEX for lab in batch["labels"][row][:len(ids)].tolist()],
                      style))
         read = int(batch["input_ids"][row, last[row]])
-        if reward_head and read != tokenizer.eos_token_id:
-            raise_error(f"the reward head would read {tokenizer.decode([read])!r}, not the final EOS", "data")
+        if reward_head and read != ids[-1]:
+            raise_error(f"the reward head would read {tokenizer.decode([read])!r}, not the last token of the "
+                        f"response {tokenizer.decode([ids[-1]])!r}", "data")
     if reward_head:
-        print(f"reward head reads the last non-pad token of every row: {tokenizer.eos_token!r} (checked on a "
-              f"padded batch of {batch['input_ids'].shape[0]} rows)")
+        cut = sum(1 for p in shown if not _whole(p, eos))
+        what = f"{tokenizer.eos_token!r}" if not cut else \
+            f"{tokenizer.eos_token!r}, or the last kept token of a truncated response ({cut} of {len(shown)} shown)"
+        print(f"reward head reads the last non-pad token of every row: {what} (checked on a padded batch of "
+              f"{batch['input_ids'].shape[0]} rows)")
 
 
 def check_prompts(recipe, tokenizer) -> None:
     split = load_split(recipe.data, parse_prompt, recipe.seed)
     prompts, counts = encode_prompts(split.train, tokenizer, recipe.data.max_prompt_len)
     _report("prompts", {**split.counts, **counts}, [len(p["prompt_ids"]) for p in prompts])
-    print("---")
-    print(prompts[0]["prompt"])
+    _show([p["prompt"] for p in prompts])
+
+
+def check_gold(recipe, tokenizer) -> None:
+    """The over-optimisation monitor's prompts, read as the ppo stage reads them."""
+    o = recipe.ppo
+    if not o.gold_prompts:
+        return
+    if not o.gold_every:
+        print("ppo.gold_prompts is set but ppo.gold_every is 0: the gold monitor is off")
+        return
+    gold = load_gold_prompts(o.gold_prompts, recipe.data.template, tokenizer, recipe.data.max_prompt_len,
+                             o.gold_count, recipe.seed)
+    print(f"gold prompts: {len(gold)} with gold answers, graded every {o.gold_every} iterations")
+
+
+def check_corpus(recipe) -> None:
+    docs = read_corpus(recipe.data.train)
+    print(f"corpus: {len(docs)} documents from {len(recipe.data.train)} file(s)")
+    if recipe.tokenizer.existing:
+        tok = load_tokenizer(recipe.tokenizer.existing, "tokenizer.existing", pad_token=recipe.tokenizer.pad_token)
+        _print_tokenizer(tok)
+    _show([doc if len(doc) <= 400 else doc[:400] + " ..." for doc in docs])
+
+
+def check_eval(recipe) -> None:
+    e = recipe.eval
+    for name, spec in e.models.items():
+        _print_tokenizer(load_tokenizer(spec, f"eval.models.{name}", pad_token=e.pad_token,
+                                        trust_remote_code=e.trust_remote_code, pad_key="eval.pad_token"), name)
+    for key, spec in (("eval.reward_model", e.reward_model), ("eval.reference", e.reference)):
+        if spec:
+            model_dir(spec, key)
+    if e.reward_model:
+        expect_run(e.reward_model, {"rm"}, "eval.reward_model")
+    data = SFTData(train=e.prompts, template=e.template, max_records=e.max_prompts)
+    split = load_split(data, parse_prompt, recipe.seed, {"train": "eval.prompts", "template": "eval.template"})
+    gold = sum(1 for r in split.train if has_gold(r.meta))
+    print(f"eval prompts: {len(split.train)} ({gold} with gold answers), models: {', '.join(e.models)}")
+    _show([r.prompt for r in split.train])
+
+
+def check_export(recipe) -> None:
+    x = recipe.export
+    expect_run(recipe.source, {"pretrain", "sft", "rm", "ppo", "dpo"}, "source")
+    model_dir(recipe.source, "source")
+    _print_tokenizer(load_tokenizer(recipe.source, "source", trust_remote_code=x.trust_remote_code, pad_key="source"))
+    if not x.parity_prompts:
+        print("parity prompts: built-in")
+        return
+    records = load_split(SFTData(train=x.parity_prompts), parse_prompt, recipe.seed,
+                         {"train": "export.parity_prompts"}).train
+    print(f"parity prompts: {len(records)} (the first {min(x.parity_count, len(records))} are used)")
+    _show([r.prompt for r in records])
+
+
+def _print_tokenizer(tokenizer, name: str = "") -> None:
+    print(f"tokenizer{' of ' + name if name else ''}: {len(tokenizer)} tokens, pad {tokenizer.pad_token!r} "
+          f"({tokenizer.pad_token_id}) != eos {tokenizer.eos_token!r} ({tokenizer.eos_token_id})")
 
 
 def raise_error(message: str, key: str):
-    from rlhf.errors import UserError
-
     raise UserError(message, None, key)
 
 
@@ -118,8 +199,7 @@ def main(argv: list[str]) -> int:
         model_dir(m.name_or_path, "model.name_or_path")
         tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
                                    trust_remote_code=m.trust_remote_code)
-        print(f"tokenizer: {len(tokenizer)} tokens, pad {tokenizer.pad_token!r} ({tokenizer.pad_token_id}) != eos "
-              f"{tokenizer.eos_token!r} ({tokenizer.eos_token_id})")
+        _print_tokenizer(tokenizer)
         if stage == "sft":
             check_sft(recipe, tokenizer, style)
         elif stage in ("rm", "dpo"):
@@ -128,11 +208,12 @@ def main(argv: list[str]) -> int:
             expect_run(recipe.ppo.reward_model, {"rm"}, "ppo.reward_model")
             model_dir(recipe.ppo.reward_model, "ppo.reward_model")
             check_prompts(recipe, tokenizer)
+            check_gold(recipe, tokenizer)
+    elif stage == "pretrain":
+        check_corpus(recipe)
     elif stage == "eval":
-        for name, spec in recipe.eval.models.items():
-            model_dir(spec, f"eval.models.{name}")
-        print(f"models: {', '.join(recipe.eval.models)}")
+        check_eval(recipe)
     elif stage == "export":
-        model_dir(recipe.source, "source")
+        check_export(recipe)
     print("ready")
     return 0

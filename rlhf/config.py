@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -23,6 +24,7 @@ from rlhf.errors import RecipeError
 
 _MISSING = dataclasses.MISSING
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_NONFINITE_RE = re.compile(r"^[+-]?(\.?inf(inity)?|\.?nan)$", re.IGNORECASE)
 
 
 def opt(default: Any, help: str, *, gt: float | None = None, ge: float | None = None,
@@ -87,6 +89,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             except RecipeError as err:
                 if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                     raise err  # a section with a bad key inside: report that key, not the union
+                if arg is float and _nonfinite(value):
+                    raise err  # "must be finite" says more than "expected a number or null"
         raise bad
     if origin is Literal:
         if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
@@ -113,6 +117,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         raise bad
     if tp is float:
+        if _nonfinite(value):  # YAML `.inf`/`.nan`, `1e999`, or `inf` from the command line
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise RecipeError(f"must be a finite number, got {shown}", where, key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
@@ -123,6 +130,21 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         raise bad
     raise TypeError(f"unsupported recipe field type {tp!r} at {key}")
+
+
+def _nonfinite(value: Any) -> bool:
+    """inf or nan as a float, or a value that would become one (`inf`, `.nan`, `1e999`, a 400-digit int)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:  # an integer beyond the float range
+            return True
+    if isinstance(value, str):
+        text = value.strip()
+        return bool(_NONFINITE_RE.match(text)) or (bool(_FLOAT_RE.match(text)) and not math.isfinite(float(text)))
+    return False
 
 
 def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str, where: str) -> None:

@@ -1,7 +1,8 @@
 """Data for the stages: records -> token ids -> batches.
 
 `load_split` reads and validates records (data_formats), holds out an eval split, and counts what it
-skipped. The `encode_*` functions tokenize prompt and response separately and join the ids, so the
+skipped; `read_corpus` reads pretraining text and `load_gold_prompts` the gold-scored prompts of the
+over-optimisation monitor. The `encode_*` functions tokenize prompt and response separately and join the ids, so the
 prompt/response boundary is exact and matches what the model sees when it generates. `collate_*`
 build padded (or padding-free packed) tensors; `plan_batches` decides which examples each process
 sees at each step (no duplicates, no drops inside a step).
@@ -9,15 +10,20 @@ sees at each step (no duplicates, no drops inside a step).
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from data_formats.readers import Invalid, read_records
+from data_formats.schemas import parse_prompt
+from data_formats.tasks import has_gold
 from data_formats.templates import load_template
 from rlhf.errors import DataError, UserError
+from rlhf.recipes import PromptData
 
 IGNORE_INDEX = -100  # labels with this value are not trained on (torch cross-entropy's ignore_index)
 
@@ -33,9 +39,12 @@ class Split:
     counts: dict = field(default_factory=dict)
 
 
-def _parse_all(spec: str, section, parse: Callable, invalid: Invalid, key: str) -> list:
+KEYS = {"train": "data.train", "eval": "data.eval", "template": "data.template",
+        "eval_fraction": "data.eval_fraction"}
+
+
+def _parse_all(spec: str, split: str, parse: Callable, invalid: Invalid, key: str) -> list:
     out = []
-    split = (section.eval_split or section.split) if key == "data.eval" else section.split
     for raw in read_records(spec, split, invalid, key):
         try:
             out.append(parse(raw))
@@ -44,32 +53,43 @@ def _parse_all(spec: str, section, parse: Callable, invalid: Invalid, key: str) 
     return out
 
 
-def load_split(section, parse: Callable, seed: int) -> Split:
+def _no_records(invalid: Invalid, spec: str, key: str) -> DataError:
+    first = f" (first problem: {invalid.first})" if invalid.first else ""
+    return DataError("no valid records" + first, spec, key)
+
+
+def load_split(section, parse: Callable, seed: int, keys: dict[str, str] | None = None) -> Split:
     """Read `data.train` (+ `data.eval` or an `eval_fraction` split) with `parse(raw) -> record`.
 
     Records need a `.prompt`; the held-out split is made by prompt, so no prompt is in both splits.
+    `keys` renames the recipe keys errors name, for prompt files that are not a `data` section (e.g.
+    {"train": "ppo.gold_prompts"}).
     """
-    template = load_template(section.template)
-    invalid = Invalid(section.skip_invalid)
+    keys = {**KEYS, **(keys or {})}
+    template = load_template(section.template, keys["template"])
     parse_t = lambda raw: parse(raw, template)  # noqa: E731
-    train = _parse_all(section.train, section, parse_t, invalid, "data.train")
+    invalid = Invalid(section.skip_invalid)
+    train = _parse_all(section.train, section.split, parse_t, invalid, keys["train"])
     if not train:
-        raise DataError("no valid records" + (f" (first problem: {invalid.first})" if invalid.first else ""),
-                        section.train, "data.train")
+        raise _no_records(invalid, section.train, keys["train"])
     if section.max_records:
         train = train[: section.max_records]
+    skipped, first = invalid.count, invalid.first
     if section.eval:
-        evals = _parse_all(section.eval, section, parse_t, invalid, "data.eval")
+        eval_split = section.eval_split or section.split
+        if section.eval == section.train and eval_split == section.split:
+            raise UserError(f"is the same data as {keys['train']}; give another file or set {keys['eval']}_split",
+                            None, keys["eval"])
+        invalid = Invalid(section.skip_invalid)  # its own count, so "first problem" is about this file
+        evals = _parse_all(section.eval, eval_split, parse_t, invalid, keys["eval"])
         if not evals:
-            raise DataError("no valid records", section.eval, "data.eval")
-        if section.eval == section.train and (section.eval_split or section.split) == section.split:
-            raise UserError("is the same data as data.train; give another file or data.eval_split", None,
-                            "data.eval")
+            raise _no_records(invalid, section.eval, keys["eval"])
+        skipped, first = skipped + invalid.count, first or invalid.first
         seen = {r.prompt: r.where for r in train}
         dupes = [(r.where, seen[r.prompt]) for r in evals if r.prompt in seen]
         if dupes:
             raise DataError(f"{len(dupes)} eval prompt(s) also appear in the training data (e.g. {dupes[0][0]} "
-                            f"and {dupes[0][1]}); held-out results would be inflated", section.eval, "data.eval")
+                            f"and {dupes[0][1]}); held-out results would be inflated", section.eval, keys["eval"])
     elif section.eval_fraction > 0:
         prompts = sorted({r.prompt for r in train})
         random.Random(seed).shuffle(prompts)
@@ -77,13 +97,56 @@ def load_split(section, parse: Callable, seed: int) -> Split:
         evals = [r for r in train if r.prompt in held]
         train = [r for r in train if r.prompt not in held]
         if not train:
-            raise UserError("eval_fraction leaves no training records", None, "data.eval_fraction")
+            raise UserError(f"leaves no training records: the data holds {len(prompts)} distinct prompt(s) and "
+                            f"at least one is held out; lower it or give more data", None, keys["eval_fraction"])
     else:
         evals = []
-    counts = {"train_records": len(train), "eval_records": len(evals), "invalid_skipped": invalid.count}
-    if invalid.count:
-        counts["first_invalid"] = invalid.first
+    counts = {"train_records": len(train), "eval_records": len(evals), "invalid_skipped": skipped}
+    if skipped:
+        counts["first_invalid"] = first
     return Split(train, evals, counts)
+
+
+def read_corpus(paths: list[str], key: str = "data.train") -> list[str]:
+    """Pretraining documents from .txt files (blank-line separated) and .jsonl files ('text' per line)."""
+    docs = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"corpus file {path} not found", None, key)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            line = p.read_bytes()[:err.start].count(b"\n") + 1
+            raise DataError("not valid UTF-8", f"{path}:{line}") from None
+        if p.suffix == ".jsonl":
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line).get("text")
+                except (json.JSONDecodeError, AttributeError):
+                    raise DataError("expected a JSON object with a 'text' field", f"{path}:{lineno}") from None
+                if not isinstance(doc, str):
+                    raise DataError("missing or not a string", f"{path}:{lineno}", "text")
+                docs.append(doc)
+        else:
+            docs += [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not docs:
+        raise DataError("the corpus holds no documents", ", ".join(paths), key)
+    return docs
+
+
+def load_gold_prompts(path: str, template: str, tokenizer, max_prompt_len: int, count: int, seed: int,
+                      key: str = "ppo.gold_prompts") -> list[dict]:
+    """The first `count` prompts of `path` that carry a gold answer (the task suite's 'task' + 'answer'),
+    encoded like rollout prompts; a file with none is an error (the monitor would measure nothing)."""
+    section = PromptData(train=path, template=template)
+    split = load_split(section, parse_prompt, seed, {"train": key})
+    prompts = [p for p in encode_prompts(split.train, tokenizer, max_prompt_len)[0] if has_gold(p["meta"])]
+    if not prompts:
+        raise UserError("no record has a gold answer ('task' and 'answer' of the task suite)", path, key)
+    return prompts[:count]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,25 +168,33 @@ def _left_truncate(ids: list[int], limit: int, bos: int | None) -> list[int]:
     return ids[len(ids) - limit:]
 
 
-def encode_sft(records: list, tokenizer, max_len: int, train_on_prompt: bool, key: str = "data.max_len"):
+def encode_sft(records: list, tokenizer, max_len: int, train_on_prompt: bool, key: str = "data.max_len",
+               max_prompt_len: int | None = None):
     """Alpaca records -> {'input_ids', 'labels'}; labels are IGNORE_INDEX on prompt tokens.
 
-    Over-long examples are cut at the end (the response tail); an example whose prompt alone fills
-    `max_len` would lose its whole response and is dropped and counted instead.
+    With `max_prompt_len`, a longer prompt is first left-truncated to it (BOS and the end of the prompt,
+    next to the response, are kept). Then the response (+ EOS) is cut at its end to fit `max_len`. An
+    example whose (cut) prompt alone fills `max_len` would lose its whole response: it is dropped and
+    counted in `dropped_too_long`. `truncated` counts kept examples that lost prompt or response tokens.
     """
+    bos = tokenizer.bos_token_id
     prompts = _ids(tokenizer, [r.prompt for r in records], True)
     responses = _ids(tokenizer, [r.response for r in records], False)
     out, dropped, truncated = [], 0, 0
     for p, r in zip(prompts, responses):
+        p2 = _left_truncate(p, max_prompt_len, bos) if max_prompt_len else p
         r = r + [tokenizer.eos_token_id]
-        if len(p) >= max_len:
+        room = max_len - len(p2)
+        if room <= 0:
             dropped += 1
             continue
-        ids = (p + r)[:max_len]
-        truncated += len(p) + len(r) > max_len
-        labels = ids if train_on_prompt else [IGNORE_INDEX] * len(p) + ids[len(p):]
+        r2 = r[:room]
+        truncated += len(p2) < len(p) or len(r2) < len(r)
+        ids = p2 + r2
+        labels = ids if train_on_prompt else [IGNORE_INDEX] * len(p2) + r2
         out.append({"input_ids": ids, "labels": list(labels)})
-    _check_kept(records, out, max_len, key)
+    _check_kept(records, out, max_len, key, "the prompt alone fills the budget",
+                "set " + key.rsplit(".", 1)[0] + ".max_prompt_len, ")
     return out, {"dropped_too_long": dropped, "truncated": truncated}
 
 
@@ -148,7 +219,8 @@ def encode_preferences(records: list, tokenizer, max_len: int, max_prompt_len: i
             continue
         out.append({"prompt_ids": p2, "chosen_ids": c2, "rejected_ids": j2,
                     "margin": rec.margin if rec.margin is not None else 0.0})
-    _check_kept(records, out, max_len, key)
+    _check_kept(records, out, max_len, key, "no response token, or none that tells chosen from rejected, is left",
+                "lower max_prompt_len, ")
     return out, {"dropped_too_long": dropped, "truncated": truncated}
 
 
@@ -164,10 +236,10 @@ def encode_prompts(records: list, tokenizer, max_prompt_len: int) -> tuple[list,
     return out, {"truncated": truncated}
 
 
-def _check_kept(records: list, kept: list, max_len: int, key: str) -> None:
+def _check_kept(records: list, kept: list, max_len: int, key: str, why: str, also: str) -> None:
     if records and not kept:
         raise UserError(f"all {len(records)} records are too long for {max_len} tokens after truncation "
-                        f"(the prompt alone fills the budget); raise it or shorten the prompts", None, key)
+                        f"({why}); raise it, {also}or shorten the prompts", None, key)
 
 
 def length_stats(lengths: list[int]) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from data_formats.tasks import FAMILIES, alphabet_problem
 from rlhf.config import apply_overrides, build, opt, read_yaml, req, section
 from rlhf.errors import RecipeError
 
@@ -91,16 +92,34 @@ class DataSection:
 
 @dataclass(kw_only=True)
 class SFTData(DataSection):
-    max_len: int = opt(512, "tokens per example (prompt is cut first; never the whole response)", gt=1)
+    max_len: int = opt(512, "tokens per prompt+response; the response tail is cut to fit, and an example whose "
+                            "(cut) prompt alone fills it is dropped (counted as dropped_too_long)", gt=1)
+    max_prompt_len: Optional[int] = opt(None, "cut longer prompts from the left (keeping BOS and the end, next to the "
+                                              "response) before max_len applies; null = never cut prompts", gt=0)
     train_on_prompt: bool = opt(False, "compute the loss on prompt tokens too")
     packing: bool = opt(False, "pack several examples per row without cross-attention (padding-free)")
+
+    def validate(self) -> None:
+        _check_prompt_room(self.max_prompt_len, self.max_len)
 
 
 @dataclass(kw_only=True)
 class PreferenceData(DataSection):
     format: Literal["auto", "pairwise", "hh"] = opt("auto", "'hh' = Anthropic HH-RLHF transcripts; auto detects")
-    max_len: int = opt(512, "tokens per prompt+response", gt=1)
-    max_prompt_len: int = opt(256, "prompt tokens kept (left-truncated)", gt=0)
+    max_len: int = opt(512, "tokens per prompt+response; responses are cut at the end to fit (a pair left with "
+                            "no response, or chosen == rejected, is dropped and counted)", gt=1)
+    max_prompt_len: int = opt(256, "cut longer prompts from the left (keeping BOS and the end) to this many tokens; "
+                                   "must be less than max_len", gt=0)
+
+    def validate(self) -> None:
+        _check_prompt_room(self.max_prompt_len, self.max_len)
+
+
+def _check_prompt_room(max_prompt_len: int | None, max_len: int) -> None:
+    # a prompt of max_prompt_len tokens must leave room for at least one response token (EOS)
+    if max_prompt_len is not None and max_prompt_len >= max_len:
+        raise RecipeError(f"must be less than max_len ({max_len}) so that a response fits after the prompt, "
+                          f"got {max_prompt_len}", key="max_prompt_len")
 
 
 @dataclass(kw_only=True)
@@ -135,7 +154,9 @@ class ArchSection:
 class TokenizerSection:
     vocab_size: int = opt(2048, "byte-level BPE vocabulary size (special tokens included)", ge=300)
     min_frequency: int = opt(2, "merges need at least this many occurrences", gt=0)
-    existing: Optional[str] = opt(None, "use this tokenizer (folder or hub id) instead of training one")
+    existing: Optional[str] = opt(None, "use this tokenizer (run folder, model folder or hub id) instead of "
+                                        "training one")
+    pad_token: Optional[str] = opt(None, "pad token to add when the existing tokenizer has none or pads with EOS")
 
 
 @dataclass(kw_only=True)
@@ -189,6 +210,12 @@ class DPOSection:
     precompute_ref: bool = opt(False, "compute reference logps once before training (one model in memory)")
     reference: Optional[str] = opt(None, "reference model; null = the policy's starting model")
 
+    def validate(self) -> None:
+        # IPO regresses the margin onto 1/(2 beta) (Azar et al. 2023): there is no label to flip
+        if self.loss_type == "ipo" and self.label_smoothing > 0:
+            raise RecipeError("applies to loss_type 'sigmoid' only (conservative DPO); set it to 0 for 'ipo'",
+                              key="label_smoothing")
+
 
 @dataclass(kw_only=True)
 class EvalSection:
@@ -201,6 +228,7 @@ class EvalSection:
     max_prompt_len: int = opt(256, "prompt tokens kept", gt=0)
     samples_shown: int = opt(4, "sample completions per model in the report", ge=0)
     greedy: bool = opt(True, "also report greedy-decoding gold accuracy")
+    pad_token: Optional[str] = opt(None, "pad token to add to a model whose tokenizer has none or pads with EOS")
     dtype: Dtype = opt("float32", "dtype models are loaded in")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
 
@@ -231,7 +259,7 @@ class TaskSuiteSection:
     families: list[str] = opt(["reverse", "sort", "upper", "max"], "task families to generate")
     min_items: int = opt(3, "shortest list in a task", gt=0)
     max_items: int = opt(5, "longest list in a task", gt=0)
-    alphabet: str = opt("abcdefghij", "letters used in lists")
+    alphabet: str = opt("abcdefghij", "letters used in lists: at least 2 distinct lowercase ASCII letters")
     sft_records: int = opt(2000, "Alpaca SFT training records", gt=0)
     sft_noise: float = opt(0.3, "fraction of SFT answers replaced by a plausible wrong one", ge=0, lt=1)
     preference_records: int = opt(2000, "pairwise preference records (chosen correct, rejected wrong)", gt=0)
@@ -242,6 +270,12 @@ class TaskSuiteSection:
     def validate(self) -> None:
         if self.max_items < self.min_items:
             raise RecipeError("max_items must be at least min_items", key="max_items")
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise RecipeError(f"expected names from {', '.join(FAMILIES)}, got {self.families}", key="families")
+        problem = alphabet_problem(self.alphabet)
+        if problem:
+            raise RecipeError(problem, key="alphabet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +377,8 @@ def load_recipe(path: str | Path, stage: str | None = None, overrides: list[str]
     path = str(path)
     raw = read_yaml(path)
     file_stage = raw.get("stage")
+    if file_stage is not None and not isinstance(file_stage, str):  # a list or mapping is not even hashable
+        raise RecipeError(f"expected one of {', '.join(RECIPES)}, got {file_stage!r}", path, "stage")
     if stage is None:
         if file_stage not in RECIPES:
             raise RecipeError(f"expected one of {', '.join(RECIPES)}, got {file_stage!r}", path, "stage")
@@ -351,6 +387,9 @@ def load_recipe(path: str | Path, stage: str | None = None, overrides: list[str]
         raise RecipeError(f"this recipe is for '{file_stage}', not '{stage}'", path, "stage")
     raw["stage"] = stage
     touched = apply_overrides(raw, list(overrides or []))
+    if raw.get("stage") != stage:  # the schema was chosen by the stage; the manifest must not say another
+        raise RecipeError(f"an override cannot change the stage of a '{stage}' recipe (got {raw.get('stage')!r}); "
+                          f"use a recipe written for that stage", "command line", "stage")
     try:
         recipe = build(RECIPES[stage], raw, path)
         check_derived(recipe, processes or world_size())

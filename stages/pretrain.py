@@ -7,21 +7,20 @@ project code.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlhf import loop
 from rlhf.artifacts import RunFolder
-from rlhf.data import length_stats
-from rlhf.errors import DataError, UserError
+from rlhf.data import length_stats, read_corpus
+from rlhf.errors import UserError
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import DEFAULT_PAD, count_parameters
+from rlhf.models import DEFAULT_PAD, count_parameters, load_tokenizer
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import PretrainRecipe, derived
@@ -30,40 +29,13 @@ from rlhf.runtime import make_accelerator, seed_everything
 BOS, EOS = "<s>", "</s>"
 
 
-def read_corpus(paths: list[str]) -> list[str]:
-    """Documents from .txt files (blank-line separated) and .jsonl files (a 'text' field per line)."""
-    docs = []
-    for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"corpus file {path} not found", None, "data.train")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            line = p.read_bytes()[:err.start].count(b"\n") + 1
-            raise DataError("not valid UTF-8", f"{path}:{line}") from None
-        if p.suffix == ".jsonl":
-            for lineno, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line).get("text")
-                except (json.JSONDecodeError, AttributeError):
-                    raise DataError("expected a JSON object with a 'text' field", f"{path}:{lineno}") from None
-                if not isinstance(doc, str):
-                    raise DataError("missing or not a string", f"{path}:{lineno}", "text")
-                docs.append(doc)
-        else:
-            docs += [d.strip() for d in text.split("\n\n") if d.strip()]
-    if not docs:
-        raise DataError("the corpus holds no documents", ", ".join(paths), "data.train")
-    return docs
-
-
 def train_tokenizer(docs: list[str], section, max_len: int):
-    """Byte-level BPE (GPT-2 style pre-tokenisation) with <|pad|>, <s> (added in front) and </s>."""
+    """Byte-level BPE (GPT-2 style pre-tokenisation) with <|pad|>, <s> (added in front) and </s>.
+
+    `tokenizer.existing` goes through the project's loader: a missing path is one line, and the pad
+    token is guaranteed and never EOS (masking by pad id would hide EOS)."""
     if section.existing:
-        return AutoTokenizer.from_pretrained(section.existing)
+        return load_tokenizer(section.existing, "tokenizer.existing", pad_token=section.pad_token)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())

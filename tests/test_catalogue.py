@@ -43,6 +43,12 @@ def pad_is_eos_model(chain, tmp_path) -> Path:
     return folder
 
 
+def template_file(tmp_path: Path, no_input: str) -> Path:
+    path = tmp_path / "tpl.json"
+    path.write_text(json.dumps({"prompt_input": "{instruction}\n{input}\n", "prompt_no_input": no_input}))
+    return path
+
+
 CASES = {
     "malformed JSONL line": (lambda c, t: [f"data.train={bad_file(t, GOOD + b'{oops}' + GOOD)}"],
                              "{t}/bad.jsonl:2: invalid JSON"),
@@ -70,6 +76,26 @@ CASES = {
                             "lora.quantization: 4-bit QLoRA needs a CUDA GPU"),
     "tokenizer with pad = eos": (lambda c, t: [f"model.name_or_path={pad_is_eos_model(c, t)}"],
                                  "model.pad_token: the tokenizer of {t}/padeos pads with its EOS token"),
+    "template with an unknown placeholder": (
+        lambda c, t: [f"data.template={template_file(t, '{ctx}: {instruction}')}"],
+        "{t}/tpl.json: prompt_no_input: unknown placeholder {{ctx}}"),
+    "template with {input} in its no-input text": (
+        lambda c, t: [f"data.template={template_file(t, '{instruction} {input}')}"],
+        "{t}/tpl.json: prompt_no_input: unknown placeholder {{input}}"),
+    "template file that is not an object": (
+        lambda c, t: [f"data.template={bad_file(t, b'[1]', 'tpl.json')}"],
+        "{t}/tpl.json: expected a JSON object with prompt_input and prompt_no_input, got list"),
+    "corrupt parquet file": (lambda c, t: [f"data.train={bad_file(t, b'PAR1 garbage', 'bad.parquet')}"],
+                             "{t}/bad.parquet: cannot read as parquet: "),
+    ".json file of JSON lines with a bad line": (
+        lambda c, t: [f"data.train={bad_file(t, GOOD + NO_OUTPUT, 'bad.json')}"], "{t}/bad.json:2: output: missing"),
+    "infinite learning rate": (lambda c, t: ["train.lr=.inf"],
+                               "command line: train.lr: must be a finite number, got inf"),
+    "NaN learning rate": (lambda c, t: ["train.lr=nan"], "command line: train.lr: must be a finite number, got 'nan'"),
+    "override that changes the stage": (lambda c, t: ["stage=rm"],
+                                        "command line: stage: an override cannot change the stage of a 'sft' recipe"),
+    "prompt budget not below max_len": (lambda c, t: ["data.max_prompt_len=96"],
+                                        "command line: data.max_prompt_len: must be less than max_len (96)"),
 }
 
 
@@ -81,6 +107,62 @@ def test_bad_input_is_one_line_and_exit_2(chain, tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert expected.format(t=tmp_path, c=chain) in err[0], err[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+STAGE_CASES = {
+    "pretrain: missing tokenizer.existing": (
+        "pretrain", lambda c, t: ["tokenizer.existing=./runs/none"],
+        "tokenizer.existing: model path ./runs/none not found"),
+    "pretrain: tokenizer.existing pads with eos": (
+        "pretrain", lambda c, t: [f"tokenizer.existing={pad_is_eos_model(c, t)}"],
+        "tokenizer.pad_token: the tokenizer of {t}/padeos pads with its EOS token"),
+    "dpo: ipo with label smoothing": (
+        "dpo", lambda c, t: ["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"],
+        "command line: dpo.label_smoothing: applies to loss_type 'sigmoid' only"),
+    "rm: prompt budget above max_len": (
+        "rm", lambda c, t: ["data.max_prompt_len=200"],
+        "command line: data.max_prompt_len: must be less than max_len (96)"),
+    "tasks: one-letter alphabet": (
+        "tasks", lambda c, t: ["tasks.alphabet=a"],
+        "command line: tasks.alphabet: expected at least 2 distinct letters"),
+    "tasks: capital letters": (
+        "tasks", lambda c, t: ["tasks.alphabet=abcXYZ"],
+        "command line: tasks.alphabet: expected lowercase ASCII letters a-z only, got 'XYZ'"),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE_CASES))
+def test_bad_input_of_other_stages_is_one_line_and_exit_2(chain, tmp_path, capsys, case):
+    stage, make, expected = STAGE_CASES[case]
+    args = cli_args(stage, chain["root"], f"output_dir={tmp_path}/out", *make(chain, tmp_path))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected.format(t=tmp_path, c=chain) in err[0], err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_existing_tokenizer_goes_through_the_loader(chain, tmp_path):
+    from rlhf.recipes import TokenizerSection
+    from stages.pretrain import train_tokenizer
+
+    tok = train_tokenizer([], TokenizerSection(existing=str(chain["pretrain"])), 64)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    tok = train_tokenizer([], TokenizerSection(existing=str(pad_is_eos_model(chain, tmp_path)), pad_token="<pad2>"), 64)
+    assert tok.pad_token == "<pad2>" and tok.pad_token_id != tok.eos_token_id
+
+
+def test_skipped_records_are_counted_in_the_manifest(chain, tmp_path):
+    rows = [{"instruction": "Reverse the list.", "input": f"a {c}", "output": f"{c} a"} for c in "bcdefghijklmnopq"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]) + "{broken\n" + NO_OUTPUT.decode() + "\n"
+                    + "".join(json.dumps(r) + "\n" for r in rows[8:]))
+    assert main(sft_args(chain, tmp_path, f"data.train={data}", "data.skip_invalid=true", "data.eval=null",
+                         "train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=1", "train.eval_every=0",
+                         "samples=0")) == 0
+    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["data"]
+    assert counts["train_records"] == 16 and counts["invalid_skipped"] == 2
+    assert counts["first_invalid"].startswith(f"error: {data}:9: invalid JSON")
 
 
 def test_wrong_stage_reward_model_and_hh_mismatch(chain, tmp_path, capsys):
@@ -111,17 +193,113 @@ def test_no_traceback_from_the_console(chain, tmp_path):
 # --- rlhf check ------------------------------------------------------------------------------------------
 
 
-def test_check_ready_recipes(chain, capsys):
-    for stage in ("sft", "rm", "dpo", "ppo"):
-        args = cli_args(stage, chain["root"])
-        assert main(["check", args[1], *args[2:]]) == 0
-        out = capsys.readouterr().out
-        assert out.strip().endswith("ready") and f"stage {stage}, valid" in out
-        if stage == "sft":
-            assert "[[" in out and "]]" in out  # trained tokens marked (not a TTY)
-            assert "EOS ends the labels of" in out and "dropped as too long" in out
-        if stage == "rm":
-            assert "reward head reads the last non-pad token" in out
+def check_args(chain, stage: str, *extra: str) -> list[str]:
+    args = cli_args(stage, chain["root"], *extra)
+    return ["check", args[1], *args[2:]]
+
+
+# the tiny chain of the tests has no ppo/dpo runs: eval and export point at the runs it has
+READY_EXTRA = {"eval": lambda c: [f"eval.models={{base: {c['pretrain']}, sft: {c['sft']}}}"],
+               "export": lambda c: [f"source={c['sft']}"]}
+SHOWN = {"sft": ["---", "---"], "rm": ["--- chosen"] * 2 + ["--- rejected"] * 2,
+         "dpo": ["--- chosen"] * 2 + ["--- rejected"] * 2, "ppo": ["---", "---"], "pretrain": ["---", "---"],
+         "eval": ["---", "---"], "export": [], "tasks": []}
+
+
+@pytest.mark.parametrize("stage", list(SHOWN))
+def test_check_ready_recipes(chain, capsys, stage):
+    assert main(check_args(chain, stage, *READY_EXTRA.get(stage, lambda c: [])(chain))) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("ready") and f"stage {stage}, valid" in out
+    assert [line for line in out.splitlines() if line.startswith("---")] == SHOWN[stage]  # two examples
+    if stage == "sft":
+        assert "[[" in out and "]]" in out  # trained tokens marked (not a TTY)
+        assert "EOS ends the labels of" in out and "dropped as too long" in out
+    if stage == "rm":
+        assert "reward head reads the last non-pad token" in out
+    if stage == "ppo":
+        assert "gold prompts: 8 with gold answers" in out
+    if stage == "pretrain":
+        assert "corpus: 1200 documents" in out
+    if stage == "eval":
+        assert "eval prompts: 16 (16 with gold answers), models: base, sft" in out
+    if stage == "export":
+        assert "parity prompts: built-in" in out
+
+
+def gold_less(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "nogold.jsonl", [{"prompt": "Say hi.\n"}, {"prompt": "Say bye.\n"}])
+
+
+CHECK_CASES = {
+    "sft: tokenizer with pad = eos": (
+        "sft", lambda c, t: [f"model.name_or_path={pad_is_eos_model(c, t)}"],
+        "model.pad_token: the tokenizer of {t}/padeos pads with its EOS token"),
+    "ppo: missing gold prompts": (
+        "ppo", lambda c, t: [f"ppo.gold_prompts={t}/none.jsonl"],
+        "ppo.gold_prompts: data file {t}/none.jsonl not found"),
+    "ppo: malformed gold prompts": (
+        "ppo", lambda c, t: [f"ppo.gold_prompts={bad_file(t, GOOD + b'{oops}')}"], "{t}/bad.jsonl:2: invalid JSON"),
+    "ppo: gold prompts without answers": (
+        "ppo", lambda c, t: [f"ppo.gold_prompts={gold_less(t)}"],
+        "{t}/nogold.jsonl: ppo.gold_prompts: no record has a gold answer"),
+    "pretrain: missing corpus": (
+        "pretrain", lambda c, t: [f"data.train=[{t}/none.txt]"], "data.train: corpus file {t}/none.txt not found"),
+    "pretrain: tokenizer.existing pads with eos": (
+        "pretrain", lambda c, t: [f"tokenizer.existing={pad_is_eos_model(c, t)}"],
+        "tokenizer.pad_token: the tokenizer of {t}/padeos pads with its EOS token"),
+    "eval: malformed prompts": (
+        "eval", lambda c, t: [*READY_EXTRA["eval"](c), f"eval.prompts={bad_file(t, GOOD + NOT_UTF8)}"],
+        "{t}/bad.jsonl:2: not valid UTF-8"),
+    "eval: model tokenizer pads with eos": (
+        "eval", lambda c, t: [f"eval.models={{padeos: {pad_is_eos_model(c, t)}}}"],
+        "the tokenizer of {t}/padeos pads with its EOS token"),
+    "export: malformed parity prompts": (
+        "export", lambda c, t: [*READY_EXTRA["export"](c), f"export.parity_prompts={bad_file(t, LIST_TYPED)}"],
+        "{t}/bad.jsonl:1: instruction: expected a string, got list"),
+    "export: missing parity prompts": (
+        "export", lambda c, t: [*READY_EXTRA["export"](c), f"export.parity_prompts={t}/none.jsonl"],
+        "export.parity_prompts: data file {t}/none.jsonl not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECK_CASES))
+def test_check_fails_on_bad_input(chain, tmp_path, capsys, case):
+    stage, make, expected = CHECK_CASES[case]
+    assert main(check_args(chain, stage, *make(chain, tmp_path))) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected.format(t=tmp_path, c=chain) in err[0], err[0]
+    assert "ready" not in captured.out
+
+
+def test_check_accepts_truncated_pairs(chain, tmp_path, capsys):
+    """Truncated pairs are trained on by rm/dpo: they are reported, not a failure, and not the examples shown."""
+    long = [{"instruction": "Reverse the list.", "input": f"a {c}", "chosen": f"{c} a " * 200, "rejected": f"a {c}"}
+            for c in "bc"]
+    short = [{"instruction": "Reverse the list.", "input": f"a {c}", "chosen": f"{c} a", "rejected": f"a {c}"}
+             for c in "defgh"]
+    data = write_jsonl(tmp_path / "p.jsonl", long + short)
+    assert main(check_args(chain, "rm", f"data.train={data}", "data.eval=null")) == 0
+    out = capsys.readouterr().out
+    assert "2 truncated" in out and out.strip().endswith("ready")
+    assert "reward head reads the last non-pad token of every row: '</s>' (checked" in out
+    assert "a " * 20 not in out  # the cut pairs are not the ones shown
+    data = write_jsonl(tmp_path / "all.jsonl", long)
+    assert main(check_args(chain, "rm", f"data.train={data}", "data.eval=null")) == 0
+    out = capsys.readouterr().out
+    assert "or the last kept token of a truncated response (2 of 2 shown)" in out and out.strip().endswith("ready")
+
+
+def test_check_sft_prompt_budget(chain, tmp_path, capsys):
+    rows = [{"instruction": "Reverse the list. " * 20, "input": f"a {c}", "output": f"{c} a"} for c in "bcdefg"]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert main(check_args(chain, "sft", f"data.train={data}", "data.eval=null")) == 2
+    assert "data.max_len: all 6 records are too long" in capsys.readouterr().err
+    assert main(check_args(chain, "sft", f"data.train={data}", "data.eval=null", "data.max_prompt_len=32")) == 0
+    out = capsys.readouterr().out
+    assert "0 dropped as too long, 6 truncated" in out and "EOS ends the labels of 6 of 6 examples" in out
 
 
 def test_check_reports_the_first_bad_record(chain, tmp_path, capsys):

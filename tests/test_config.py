@@ -70,12 +70,96 @@ def test_override_types_are_checked(tmp_path):
     ({"train.scheduler": "cosin"}, "train.scheduler: expected one of 'cosine', 'linear', 'constant', got 'cosin'"),
     ({"train.batch_size": "10"}, "train.batch_size: 10 is not a multiple of micro_batch_size 4 x 1 process(es) = 4"),
     ({"train.adam_betas": "[0.9]"}, "train.adam_betas: expected two numbers in [0, 1), got [0.9]"),
+    # non-finite numbers pass every bound check (inf > 0) and then poison the run
+    ({"train.lr": ".inf"}, "train.lr: must be a finite number, got inf"),
+    ({"train.lr": ".nan"}, "train.lr: must be a finite number, got nan"),
+    ({"train.lr": "nan"}, "train.lr: must be a finite number, got 'nan'"),
+    ({"train.lr": "1e999"}, "train.lr: must be a finite number, got '1e999'"),
+    ({"train.max_grad_norm": "-.inf"}, "train.max_grad_norm: must be a finite number, got -inf"),
+    ({"train.adam_betas": "[0.9, .nan]"}, "train.adam_betas[1]: must be a finite number, got nan"),
+    ({"data.max_len": "64", "data.max_prompt_len": "64"},
+     "data.max_prompt_len: must be less than max_len (64) so that a response fits after the prompt, got 64"),
 ])
 def test_bad_values_name_the_key(tmp_path, change, message):
     path = write_yaml(tmp_path / "r.yaml", sft_dict(**change))
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert err.value.line() == f"error: {path}: {message}"
+
+
+def stage_dict(stage: str, **changes) -> dict:
+    """A minimal valid recipe of `stage` with dotted `changes` applied."""
+    sections = {
+        "dpo": {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                "train": {"batch_size": 8, "micro_batch_size": 4}},
+        "rm": {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+               "train": {"batch_size": 8, "micro_batch_size": 4}},
+        "tasks": {},
+    }
+    data = {"stage": stage, "output_dir": "out", **sections[stage]}
+    for key, value in changes.items():
+        apply_overrides(data, [f"{key}={value}"])
+    return data
+
+
+@pytest.mark.parametrize("stage, change, message", [
+    ("dpo", {"dpo.loss_type": "ipo", "dpo.label_smoothing": "0.1"},
+     "dpo.label_smoothing: applies to loss_type 'sigmoid' only (conservative DPO); set it to 0 for 'ipo'"),
+    ("rm", {"data.max_len": "128", "data.max_prompt_len": "200"},
+     "data.max_prompt_len: must be less than max_len (128) so that a response fits after the prompt, got 200"),
+    ("tasks", {"tasks.alphabet": "a"}, "tasks.alphabet: expected at least 2 distinct letters, got 'a'"),
+    ("tasks", {"tasks.alphabet": "aaaa"}, "tasks.alphabet: expected at least 2 distinct letters, got 'aaaa'"),
+    ("tasks", {"tasks.alphabet": "''"}, "tasks.alphabet: expected at least 2 distinct letters, got ''"),
+    ("tasks", {"tasks.alphabet": "abZ"}, "tasks.alphabet: expected lowercase ASCII letters a-z only, got 'Z'"),
+    ("tasks", {"tasks.alphabet": "'ab1 '"}, "tasks.alphabet: expected lowercase ASCII letters a-z only, got ' 1'"),
+    ("tasks", {"tasks.families": "[]"}, "tasks.families: expected names from reverse, sort, upper, max, count"),
+    ("tasks", {"tasks.families": "[reverse, nope]"}, "tasks.families: expected names from"),
+])
+def test_section_checks_name_the_key(tmp_path, stage, change, message):
+    path = write_yaml(tmp_path / "r.yaml", stage_dict(stage, **change))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.line().startswith(f"error: {path}: {message}"), err.value.line()
+    # the same value given on the command line names the command line
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_yaml(tmp_path / "ok.yaml", stage_dict(stage)), stage, [f"{k}={v}" for k, v in change.items()])
+    assert err.value.line().startswith(f"error: command line: {message}"), err.value.line()
+
+
+def test_valid_section_values_still_load(tmp_path):
+    dpo = load_recipe(write_yaml(tmp_path / "d.yaml", stage_dict("dpo", **{"dpo.loss_type": "ipo"})))
+    assert dpo.dpo.loss_type == "ipo" and dpo.dpo.label_smoothing == 0.0
+    assert load_recipe(write_yaml(tmp_path / "s.yaml", stage_dict("dpo", **{"dpo.label_smoothing": "0.1"}))) \
+        .dpo.label_smoothing == pytest.approx(0.1)
+    tasks = load_recipe(write_yaml(tmp_path / "t.yaml", stage_dict("tasks", **{"tasks.alphabet": "ab"})))
+    assert tasks.tasks.alphabet == "ab"
+    sft = load_recipe(write_yaml(tmp_path / "f.yaml", sft_dict(**{"data.max_len": "64",
+                                                                   "data.max_prompt_len": "63"})))
+    assert sft.data.max_prompt_len == 63
+    assert load_recipe(write_yaml(tmp_path / "g.yaml", sft_dict())).data.max_prompt_len is None
+
+
+def test_stage_must_be_a_stage_name(tmp_path):
+    path = write_yaml(tmp_path / "r.yaml", {**sft_dict(), "stage": ["sft"]})
+    for stage in (None, "sft"):  # `rlhf check` (stage from the file) and `rlhf sft`
+        with pytest.raises(RecipeError) as err:
+            load_recipe(path, stage)
+        assert err.value.line().startswith(f"error: {path}: stage: expected one of tasks, pretrain, sft"), \
+            err.value.line()
+    path = write_yaml(tmp_path / "m.yaml", {**sft_dict(), "stage": {"name": "sft"}})
+    with pytest.raises(RecipeError, match="stage: expected one of"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("override", ["stage=rm", "stage=[sft]", "stage=null"])
+def test_overrides_cannot_change_the_stage(tmp_path, override):
+    path = write_yaml(tmp_path / "r.yaml", sft_dict())
+    for stage in (None, "sft"):
+        with pytest.raises(RecipeError) as err:
+            load_recipe(path, stage, [override])
+        assert err.value.line().startswith("error: command line: stage: an override cannot change the stage of a "
+                                           "'sft' recipe"), err.value.line()
+    assert load_recipe(path, "sft", ["stage=sft"]).stage == "sft"  # restating it is harmless
 
 
 def test_missing_required_value_and_wrong_stage(tmp_path):
@@ -125,6 +209,24 @@ def test_cli_recipe_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'bad.yaml'}:")
     assert main(["sft", str(path), "no_equals_sign"]) == 2
     assert "not of the form key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, override, expected", [
+    ("stage: [sft]\noutput_dir: o\n", None, "{p}: stage: expected one of tasks, pretrain, sft"),
+    ("stage: sft\noutput_dir: o\nmodel: {{name_or_path: m}}\ndata: {{train: t.jsonl}}\n", "stage=rm",
+     "command line: stage: an override cannot change the stage of a 'sft' recipe"),
+    ("stage: sft\noutput_dir: o\nmodel: {{name_or_path: m}}\ndata: {{train: t.jsonl}}\ntrain: {{lr: .inf}}\n",
+     None, "{p}: train.lr: must be a finite number, got inf"),
+    ("stage: sft\noutput_dir: o\nmodel: {{name_or_path: m}}\ndata: {{train: t.jsonl}}\n", "train.lr=inf",
+     "command line: train.lr: must be a finite number, got 'inf'"),
+])
+def test_cli_stage_and_number_errors_are_one_line(tmp_path, capsys, content, override, expected):
+    path = tmp_path / "r.yaml"
+    path.write_text(content.format())
+    for argv in (["check", str(path)], ["sft", str(path)]):
+        assert main(argv + ([override] if override else [])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: " + expected.format(p=path)), err
 
 
 def test_cli_help_lists_stages(capsys):

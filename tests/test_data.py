@@ -11,9 +11,9 @@ from data_formats.readers import Invalid, Raw, read_records
 from data_formats.schemas import hh_split, parse_alpaca, parse_preference, parse_prompt
 from data_formats.templates import load_template
 from rlhf.data import (IGNORE_INDEX, collate_pairs, collate_sft, encode_preferences, encode_sft, load_split,
-                       plan_batches)
+                       plan_batches, read_corpus)
 from rlhf.errors import DataError, UserError
-from rlhf.recipes import PreferenceData, SFTData, TaskSuiteSection
+from rlhf.recipes import PreferenceData, PromptData, SFTData, TaskSuiteSection
 from tests.conftest import write_jsonl
 
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -49,8 +49,49 @@ def test_template_from_file_and_unknown_name(tmp_path):
     with pytest.raises(UserError, match="unknown template 'nope'"):
         load_template("nope")
     path.write_text(json.dumps({"prompt_input": "no placeholder", "prompt_no_input": "{instruction}"}))
-    with pytest.raises(UserError, match="prompt_input has no {instruction} placeholder"):
+    with pytest.raises(UserError, match="prompt_input: has no {instruction} placeholder"):
         load_template(str(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('["{instruction}", "{input}"]', "{f}: expected a JSON object with prompt_input and prompt_no_input, got list"),
+    ('{"prompt_input": "{instruction} {input}",\n "prompt_no_input": "{ctx}: {instruction}"}',
+     "{f}: prompt_no_input: unknown placeholder {ctx}; allowed here: {instruction}"),
+    ('{"prompt_input": "{instruction} {input}", "prompt_no_input": "{instruction} {input}"}',
+     "{f}: prompt_no_input: unknown placeholder {input}; allowed here: {instruction} ({input} belongs in "
+     "prompt_input only)"),
+    ('{"prompt_input": "{instruction} {input} {ctx}", "prompt_no_input": "{instruction}"}',
+     "{f}: prompt_input: unknown placeholder {ctx}; allowed here: {instruction}, {input}"),
+    ('{"prompt_input": "{instruction}", "prompt_no_input": "{instruction}"}',
+     "{f}: prompt_input: has no {input} placeholder"),
+    ('{"prompt_input": "{instruction} {input} {", "prompt_no_input": "{instruction}"}',
+     "{f}: prompt_input: Single '{' encountered in format string"),
+    ('{"prompt_input": "{instruction.upper} {input}", "prompt_no_input": "{instruction}"}',
+     "{f}: prompt_input: unknown placeholder {instruction.upper}"),
+    ('{"prompt_input": "{0} {instruction} {input}", "prompt_no_input": "{instruction}"}',
+     "{f}: prompt_input: unknown placeholder {0}"),
+    ('{"prompt_input": "{instruction} {input}", "prompt_no_input": "{instruction!r}"}',
+     "{f}: prompt_no_input: placeholder {instruction} takes no format spec or conversion"),
+    ('{"prompt_input": "{instruction} {input}"}', "{f}: prompt_no_input: missing"),
+    ('{"prompt_input": "{instruction} {input}", "prompt_no_input": 3}',
+     "{f}: prompt_no_input: expected a string, got int"),
+    ('{"prompt_input": "{instruction} {input}", "prompt_no_input": "{instruction}", "response_split": 1}',
+     "{f}: response_split: expected a string, got int"),
+    ('{"prompt_input": \n', "{f}:2: invalid JSON"),
+])
+def test_bad_template_files_fail_at_load_with_file_and_field(tmp_path, content, message):
+    path = tmp_path / "mine.json"
+    path.write_text(content)
+    with pytest.raises(UserError) as err:
+        load_template(str(path))
+    assert err.value.line().startswith("error: " + message.replace("{f}", str(path))), err.value.line()
+
+
+def test_template_literal_braces_are_allowed(tmp_path):
+    path = tmp_path / "braces.json"
+    path.write_text(json.dumps({"prompt_input": "{{json}} {instruction}\n{input}\n",
+                                "prompt_no_input": "{instruction}\n"}))
+    assert load_template(str(path)).render("q", "{x}") == "{json} q\n{x}\n"  # record text is never formatted
 
 
 def test_sft_masking_trains_only_response_and_eos():
@@ -74,6 +115,38 @@ def test_sft_truncation_keeps_the_response_or_drops():
     assert any(lab != IGNORE_INDEX for lab in examples[0]["labels"])
     with pytest.raises(UserError, match="all 1 records are too long for 20 tokens"):
         encode_sft([long_prompt], CharTokenizer(), max_len=20, train_on_prompt=False)
+
+
+def test_sft_max_prompt_len_cuts_the_prompt_from_the_left():
+    template = load_template("plain")
+    head, tail = "h" * 30, "t" * 10
+    long_prompt = parse_alpaca(Raw("f:1", {"instruction": head + tail, "output": "yo"}), template)
+    short = parse_alpaca(Raw("f:2", {"instruction": "q", "output": "a" * 40}), template)
+    examples, counts = encode_sft([long_prompt, short], CharTokenizer(), max_len=20, train_on_prompt=False,
+                                  max_prompt_len=12)
+    assert counts == {"dropped_too_long": 0, "truncated": 2}  # without max_prompt_len the first is dropped
+    ids, labels = examples[0]["input_ids"], examples[0]["labels"]
+    # BOS, then the last 11 prompt characters ("t" * 10 + "\n"): the end next to the response is kept
+    assert ids[:12] == [1] + [ord(c) + 3 for c in tail + "\n"]
+    assert ids[12:] == [ord("y") + 3, ord("o") + 3, 2]  # the whole response and EOS
+    assert labels == [IGNORE_INDEX] * 12 + ids[12:]  # prompt tokens are not trained
+    ids, labels = examples[1]["input_ids"], examples[1]["labels"]
+    assert len(ids) == 20 and ids[:3] == [1, ord("q") + 3, ord("\n") + 3]  # short prompt untouched
+    assert labels[:3] == [IGNORE_INDEX] * 3 and labels[3:] == [ord("a") + 3] * 17  # response tail cut, no EOS
+    [whole], counts = encode_sft([long_prompt], CharTokenizer(), max_len=64, train_on_prompt=True, max_prompt_len=12)
+    assert counts == {"dropped_too_long": 0, "truncated": 1} and whole["labels"] == whole["input_ids"]
+
+
+def test_sft_prompt_filling_max_len_is_dropped_and_counted():
+    template = load_template("plain")
+    records = [parse_alpaca(Raw(f"f:{i}", {"instruction": "x" * n, "output": "yo"}), template)
+               for i, n in enumerate((5, 40, 18, 19), start=1)]
+    # prompt lengths with BOS and "\n": 7, 42, 20, 21 -> the last three leave no room in 20 tokens
+    examples, counts = encode_sft(records, CharTokenizer(), max_len=20, train_on_prompt=False)
+    assert counts == {"dropped_too_long": 3, "truncated": 0} and len(examples) == 1
+    with pytest.raises(UserError, match="data.max_len: all 3 records are too long for 20 tokens after truncation "
+                                        r"\(the prompt alone fills the budget\); raise it, set data.max_prompt_len"):
+        encode_sft(records[1:], CharTokenizer(), max_len=20, train_on_prompt=False)
 
 
 def test_packing_restarts_positions_and_masks_boundaries():
@@ -143,6 +216,122 @@ def test_json_list_files_report_the_record_line(tmp_path):
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a"}\n]\n')
     with pytest.raises(DataError, match=r"d.json:3: output: missing"):
         load_split(SFTData(train=str(path)), parse_alpaca, seed=0)
+
+
+def test_json_files_holding_json_lines_are_read_as_jsonl(tmp_path):
+    path = tmp_path / "d.json"  # e.g. pandas `to_json(lines=True)` or a Hub export
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d"}\n')
+    split = load_split(SFTData(train=str(path)), parse_alpaca, seed=0)
+    assert [r.response for r in split.train] == ["b", "d"] and split.train[1].where == f"{path}:3"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    with pytest.raises(DataError) as err:
+        load_split(SFTData(train=str(path)), parse_alpaca, seed=0)
+    assert err.value.line() == f"error: {path}:2: output: missing"  # line numbers as for .jsonl
+    path.write_bytes(b'\xef\xbb\xbf  [{"instruction": "a", "output": "b"}]')  # a list, after a BOM
+    assert load_split(SFTData(train=str(path)), parse_alpaca, seed=0).train[0].response == "b"
+
+
+def test_json_list_with_a_non_object_element(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  "just text",\n'
+                    '  {"instruction": "c", "output": "d"}\n]')
+    with pytest.raises(DataError) as err:
+        load_split(SFTData(train=str(path)), parse_alpaca, seed=0)
+    assert err.value.line() == f"error: {path}:3: expected a JSON object, got str"
+    split = load_split(SFTData(train=str(path), skip_invalid=True), parse_alpaca, seed=0)
+    assert len(split.train) == 2 and split.counts["invalid_skipped"] == 1
+
+
+def test_corrupt_parquet_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1 this is not really parquet")
+    with pytest.raises(DataError) as err:
+        load_split(SFTData(train=str(path)), parse_alpaca, seed=0)
+    assert err.value.line().startswith(f"error: {path}: cannot read as parquet: ")
+    assert "\n" not in err.value.line()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "a", "output": ""}, "output: is empty"),
+    ({"instruction": "a", "output": "  \n"}, "output: is empty"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
+     "chosen: response is empty"),
+    ({"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi there"}, "chosen: has no '\\n\\nAssistant:' turn"),
+])
+def test_empty_responses_and_hh_without_assistant_turn(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError) as err:
+        load_split(SFTData(train=str(path)), parse_alpaca, seed=0)
+    assert err.value.line() == f"error: {path}:1: {message}"
+
+
+def test_hh_pairs_without_assistant_turn_name_the_transcript(tmp_path):
+    bad = {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    path = write_jsonl(tmp_path / "hh.jsonl", [bad])
+    for fmt in ("auto", "hh"):
+        with pytest.raises(DataError) as err:
+            load_split(PreferenceData(train=str(path), format=fmt), lambda r, t: parse_preference(r, t, fmt), seed=0)
+        assert err.value.line() == f"error: {path}:1: chosen: has no '\\n\\nAssistant:' turn"
+    with pytest.raises(DataError, match=r"hh.jsonl:1: chosen: has no"):
+        load_split(PromptData(train=str(path)), parse_prompt, seed=0)
+
+
+def test_empty_folder_as_data_path(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("not data")
+    with pytest.raises(UserError) as err:
+        load_split(SFTData(train=str(tmp_path / "data")), parse_alpaca, seed=0)
+    assert err.value.line() == f"error: data.train: folder {tmp_path / 'data'} holds no .jsonl/.json/.parquet files"
+
+
+def test_eval_split_problems(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(4)])
+    empty = write_jsonl(tmp_path / "e.jsonl", [])
+    with pytest.raises(DataError) as err:
+        load_split(SFTData(train=str(train), eval=str(empty)), parse_alpaca, seed=0)
+    assert err.value.line() == f"error: {empty}: data.eval: no valid records"
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "z"}])
+    with pytest.raises(DataError) as err:
+        load_split(SFTData(train=str(train), eval=str(bad), skip_invalid=True), parse_alpaca, seed=0)
+    assert err.value.line() == (f"error: {bad}: data.eval: no valid records (first problem: error: {bad}:1: "
+                                "output: missing)")
+    with pytest.raises(UserError) as err:
+        load_split(SFTData(train=str(train), eval=str(train)), parse_alpaca, seed=0)
+    assert err.value.line() == ("error: data.eval: is the same data as data.train; give another file or set "
+                                "data.eval_split")
+    same = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "q", "output": f"a{i}"} for i in range(5)])
+    with pytest.raises(UserError) as err:
+        load_split(SFTData(train=str(same), eval_fraction=0.2), parse_alpaca, seed=0)
+    assert err.value.line().startswith("error: data.eval_fraction: leaves no training records: the data holds 1 "
+                                       "distinct prompt(s)")
+
+
+def test_eval_split_errors_name_the_given_keys(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_split(PromptData(train=str(tmp_path / "gold.jsonl")), parse_prompt, seed=0,
+                   keys={"train": "ppo.gold_prompts"})
+    assert err.value.line() == f"error: ppo.gold_prompts: data file {tmp_path / 'gold.jsonl'} not found"
+
+
+def test_preference_data_all_too_long():
+    template = load_template("plain")
+    recs = [parse_preference(Raw(f"p:{i}", {"prompt": "q" * 30, "chosen": "same start x", "rejected": "same start y"}),
+                             template) for i in range(3)]
+    with pytest.raises(UserError) as err:  # prompt cut to 8 tokens, 4 left: "same" vs "same"
+        encode_preferences(recs, CharTokenizer(), max_len=12, max_prompt_len=8)
+    assert err.value.line().startswith("error: data.max_len: all 3 records are too long for 12 tokens after "
+                                       "truncation (no response token, or none that tells chosen from rejected")
+    pairs, counts = encode_preferences(recs, CharTokenizer(), max_len=30, max_prompt_len=8)
+    assert len(pairs) == 3 and counts == {"dropped_too_long": 0, "truncated": 3}
+
+
+def test_prompt_only_records_are_prompt_data(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi.\n", "id": 7}, {"prompt": "Say bye.\n"}])
+    split = load_split(PromptData(train=str(path)), parse_prompt, seed=0)
+    assert [r.prompt for r in split.train] == ["Say hi.\n", "Say bye.\n"]  # verbatim, no template
+    assert split.train[0].meta == {"id": 7}
+    with pytest.raises(DataError, match=r"p.jsonl:1: prompt: is empty"):
+        load_split(PromptData(train=str(write_jsonl(path, [{"prompt": " "}]))), parse_prompt, seed=0)
 
 
 def test_skip_invalid_counts(tmp_path):
@@ -227,6 +416,31 @@ def test_sft_noise_fraction():
     wrong = sum(r["output"] != r["answer"] for r in suite["sft"]) / len(suite["sft"])
     assert 0.22 < wrong < 0.38
     assert all(r["output"] == r["answer"] for r in suite["sft_eval"])
+
+
+@pytest.mark.parametrize("alphabet", ["a", "aaa", "abC", "ab1"])
+def test_task_suite_refuses_alphabets_it_cannot_corrupt(alphabet):
+    with pytest.raises(ValueError, match="alphabet: expected"):
+        tasks.generate(small_suite(alphabet=alphabet), seed=0)
+
+
+def test_two_letter_alphabet_still_gives_wrong_answers():
+    suite = tasks.generate(small_suite(alphabet="ab", families=list(tasks.FAMILIES), min_items=2, max_items=6,
+                                       preference_records=40, sft_records=20, prompt_records=10, eval_records=10),
+                           seed=0)
+    for row in suite["prefs"]:
+        assert not tasks.grade(row, row["rejected"])
+
+
+def test_read_corpus_errors(tmp_path):
+    with pytest.raises(UserError, match="data.train: corpus file .*none.txt not found"):
+        read_corpus([str(tmp_path / "none.txt")])
+    (tmp_path / "c.jsonl").write_text('{"text": "a b"}\n[1]\n')
+    with pytest.raises(DataError) as err:
+        read_corpus([str(tmp_path / "c.jsonl")])
+    assert err.value.line() == f"error: {tmp_path / 'c.jsonl'}:2: expected a JSON object with a 'text' field"
+    (tmp_path / "c.txt").write_text("one\n\n\ntwo\n")
+    assert read_corpus([str(tmp_path / "c.txt")]) == ["one", "two"]
 
 
 def test_read_records_folder(tmp_path):
