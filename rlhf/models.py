@@ -63,12 +63,14 @@ def _hub_error(spec: str, err: Exception, key: str) -> UserError:
 
 
 def load_tokenizer(spec: str, key: str = "model.name_or_path", pad_token: str | None = None,
-                   revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+                   revision: str | None = None, trust_remote_code: bool = False,
+                   pad_key: str | None = None) -> PreTrainedTokenizerBase:
     """Tokenizer of a model reference with a dedicated pad token (never silently pad = eos).
 
     No pad token -> `pad_token` (or '<|pad|>') is added. Pad equal to EOS -> an error unless the recipe
     names a pad token to add: masking by pad id would also hide EOS, and the reward head would read the
-    wrong token. Added tokens require `resize_embeddings` on the model (the loaders do it).
+    wrong token. Added tokens require `resize_embeddings` on the model (the loaders do it). `pad_key` is
+    the recipe key errors name (default: `pad_token` of `key`'s section).
     """
     where, _ = model_dir(spec, key)
     try:
@@ -77,13 +79,15 @@ def load_tokenizer(spec: str, key: str = "model.name_or_path", pad_token: str | 
         raise _hub_error(spec, err, key) from None
     if tok.eos_token is None:
         raise UserError(f"tokenizer of {spec} has no EOS token; responses could never end", None, key)
-    pad_key = key.rsplit(".", 1)[0] + ".pad_token" if "." in key else "pad_token"
+    pad_key = pad_key or (key.rsplit(".", 1)[0] + ".pad_token" if "." in key else "pad_token")
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": pad_token or DEFAULT_PAD})
     elif tok.pad_token_id == tok.eos_token_id:
         if pad_token is None:
-            raise UserError(f"the tokenizer of {spec} pads with its EOS token {tok.eos_token!r}; set "
-                            f"{pad_token_key_hint(pad_key)} to add a dedicated pad token", None, pad_key)
+            fix = (f"set {pad_token_key_hint(pad_key)} to add a dedicated pad token" if pad_key.endswith("pad_token")
+                   else "use a model whose tokenizer has a dedicated pad token (a run folder of this pipeline)")
+            raise UserError(f"the tokenizer of {spec} pads with its EOS token {tok.eos_token!r}; {fix}", None,
+                            pad_key)
         tok.add_special_tokens({"pad_token": pad_token})
     if tok.pad_token_id == tok.eos_token_id:
         raise UserError(f"pad token {tok.pad_token!r} is the EOS token", None, pad_key)

@@ -39,16 +39,25 @@ def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str |
         path.mkdir(parents=True, exist_ok=True)
         if is_adapter:
             info["base"] = str(Path(base).resolve()) if base and Path(base).exists() else base
-            unwrapped.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
+            base_dir, _ = model_dir(base, "model.name_or_path") if base else (None, None)
+            # a stage that added a pad token grew the embeddings: the adapter then carries them, so plain
+            # `resize_token_embeddings(len(tokenizer))` + `PeftModel.from_pretrained` reproduces the model
+            base_vocab = _vocab_size(base_dir)
+            resized = base_vocab is not None and hf.get_input_embeddings().weight.shape[0] != base_vocab
+            unwrapped.save_pretrained(str(path), state_dict=state, save_embedding_layers=resized)
             cfg_path = path / "adapter_config.json"
             cfg = json.loads(cfg_path.read_text())
-            base_dir, _ = model_dir(base, "model.name_or_path") if base else (None, None)
             # plain peft loads the adapter onto this folder (a full model unless the parent is an adapter too)
             cfg["base_model_name_or_path"] = str(Path(base_dir).resolve()) if base_dir and Path(base_dir).exists() \
                 else base_dir
             cfg_path.write_text(json.dumps(cfg, indent=2))
         else:
-            unwrapped.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+            # training turns the KV cache off; a saved model generates with it
+            use_cache, hf.config.use_cache = hf.config.use_cache, True
+            try:
+                unwrapped.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+            finally:
+                hf.config.use_cache = use_cache
         tokenizer.save_pretrained(str(path))
         gen = getattr(hf, "generation_config", None)
         if task == "causal_lm" and gen is not None:
@@ -59,6 +68,14 @@ def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str |
         verify_model_dir(path, info)
     accelerator.wait_for_everyone()
     return info
+
+
+def _vocab_size(base_dir: str | None) -> int | None:
+    """Embedding rows of the full model an adapter is saved against (None: an adapter parent, or unknown)."""
+    if base_dir is None or not (Path(base_dir) / "config.json").is_file():
+        return None
+    config = AutoConfig.from_pretrained(base_dir)
+    return getattr(config.get_text_config(), "vocab_size", None)
 
 
 def fingerprint(model: nn.Module, tokenizer, width: int = 8) -> dict:

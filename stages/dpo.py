@@ -60,6 +60,10 @@ def run(recipe: DPORecipe) -> Path:
                      "tokens": length_stats([len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train])}
     folder.input("model", m.name_or_path)
     folder.input("data.train", d.train)
+    if d.eval:
+        folder.input("data.eval", d.eval)
+    if o.reference:
+        folder.input("dpo.reference", o.reference)
 
     # --- models: policy (+LoRA) and reference (adapter disabled, or a frozen copy) -------------------
     load = dict(dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,

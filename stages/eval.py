@@ -95,10 +95,12 @@ def run(recipe: EvalRecipe) -> Path:
             reference = load_model(e.reference, "eval.reference", **load).to(device).eval()
         for name, spec in e.models.items():
             key = f"eval.models.{name}"
-            tokenizer = load_tokenizer(spec, key, trust_remote_code=e.trust_remote_code)
+            tokenizer = load_tokenizer(spec, key, pad_token=e.pad_token, trust_remote_code=e.trust_remote_code,
+                                       pad_key="eval.pad_token")
             data = SFTData(train=e.prompts, template=e.template, max_records=e.max_prompts)
-            prompts, _ = encode_prompts(load_split(data, parse_prompt, recipe.seed).train, tokenizer,
-                                        e.max_prompt_len)
+            records = load_split(data, parse_prompt, recipe.seed,
+                                 keys={"train": "eval.prompts", "template": "eval.template"}).train
+            prompts, _ = encode_prompts(records, tokenizer, e.max_prompt_len)
             model = load_model(spec, key, vocab=len(tokenizer), **load).to(device).eval()
             same_vocab = reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0]
             ref = reference if same_vocab else None  # KL needs the same token ids

@@ -68,13 +68,14 @@ def run(recipe: ExportRecipe) -> Path:
     model_dir(recipe.source, "source")  # a missing source is a one-line error
     info = model_info(recipe.source, "source")
     causal = info.get("task", "causal_lm") == "causal_lm"
-    tokenizer = load_tokenizer(recipe.source, "source", trust_remote_code=x.trust_remote_code)
+    tokenizer = load_tokenizer(recipe.source, "source", trust_remote_code=x.trust_remote_code, pad_key="source")
     chain = lineage(recipe.source)
     folder.input("source", recipe.source)
 
     # --- parity prompts --------------------------------------------------------------------------------
     if x.parity_prompts:
-        records = load_split(SFTData(train=x.parity_prompts), parse_prompt, recipe.seed).train
+        records = load_split(SFTData(train=x.parity_prompts), parse_prompt, recipe.seed,
+                             keys={"train": "export.parity_prompts"}).train
         prompts = [p["prompt_ids"] for p in encode_prompts(records, tokenizer, 256)[0]]
     else:
         template = load_template("alpaca")

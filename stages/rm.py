@@ -17,7 +17,9 @@ import torch
 from data_formats.schemas import parse_preference
 from rlhf import loop
 from rlhf.artifacts import RunFolder, expect_run, write_json_atomic
+from rlhf.checkpoint import SHARDED
 from rlhf.data import collate_pairs, encode_preferences, eval_shard, length_stats, load_split, to_device
+from rlhf.errors import UserError
 from rlhf.losses import pairwise_loss
 from rlhf.models import ScalarHead, apply_lora, count_parameters, load_model, load_tokenizer
 from rlhf.saving import save_model
@@ -104,11 +106,17 @@ def run(recipe: RMRecipe) -> Path:
     stats["fitted_on"] = "eval" if pairs is evals else "train"
     metrics.update({"reward/mean": stats["mean"], "reward/std": stats["std"]})
 
-    # --- artifact: LoRA merged into a plain sequence-classification model ------------------------------
-    head_model = accelerator.unwrap_model(model).model
-    if hasattr(head_model, "merge_and_unload"):
-        head_model = head_model.merge_and_unload()
-    info = save_model(accelerator, ScalarHead(head_model), tokenizer, folder.partial / "model")
+    # --- artifact: a plain sequence-classification model (LoRA merged into it) ----------------------------
+    to_save = model
+    if recipe.lora is not None:
+        if accelerator.distributed_type in SHARDED:
+            raise UserError("merging a LoRA reward model needs unsharded weights: train it with lora: null under "
+                            "FSDP/DeepSpeed, or with DDP", None, "lora")
+        # merge in float32 on the CPU, then cast back: in bf16 the small LoRA update would be rounded away
+        backbone = accelerator.unwrap_model(model).model
+        dtype = backbone.dtype
+        to_save = ScalarHead(backbone.to("cpu", torch.float32).merge_and_unload().to(dtype))
+    info = save_model(accelerator, to_save, tokenizer, folder.partial / "model")
     if accelerator.is_main_process:
         write_json_atomic(folder.partial / STATS_FILE, stats)
         write_json_atomic(folder.partial / "model" / STATS_FILE, stats)

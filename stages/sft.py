@@ -42,9 +42,10 @@ def run(recipe: SFTRecipe) -> Path:
     tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
                                trust_remote_code=m.trust_remote_code)
     split = load_split(recipe.data, parse_alpaca, recipe.seed)
-    train, train_counts = encode_sft(split.train, tokenizer, recipe.data.max_len, recipe.data.train_on_prompt)
-    evals, eval_counts = encode_sft(split.eval, tokenizer, recipe.data.max_len, recipe.data.train_on_prompt) \
-        if split.eval else ([], {})
+    encode = dict(max_len=recipe.data.max_len, train_on_prompt=recipe.data.train_on_prompt,
+                  max_prompt_len=recipe.data.max_prompt_len)
+    train, train_counts = encode_sft(split.train, tokenizer, **encode)
+    evals, eval_counts = encode_sft(split.eval, tokenizer, **encode) if split.eval else ([], {})
     folder.counts = {**split.counts, **train_counts, "eval_dropped_too_long": eval_counts.get("dropped_too_long", 0),
                      "tokens": length_stats([len(e["input_ids"]) for e in train])}
     folder.input("model", m.name_or_path)
@@ -98,11 +99,12 @@ def run(recipe: SFTRecipe) -> Path:
 
     # --- artifact: adapter (or full model) + tokenizer, and a sample table --------------------------
     info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=m.name_or_path)
-    if accelerator.is_main_process and recipe.samples:
+    if recipe.samples:
+        # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
         records = (split.eval or split.train)[: recipe.samples]
         prompt_ids = tokenizer([r.prompt for r in records], add_special_tokens=True)["input_ids"]
         rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids, recipe.generate, accelerator.device)
-        write_samples(folder.partial / "samples.md",
-                      [{"prompt": r.prompt, **row} for r, row in zip(records, rows)])
+        if accelerator.is_main_process:
+            write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row} for r, row in zip(records, rows)])
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
                          derived=derived(recipe))

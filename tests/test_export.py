@@ -107,3 +107,45 @@ def test_export_shards_and_casts(chain, tmp_path):
     assert gen.pad_token_id != gen.eos_token_id
     cast = json.loads((out / "manifest.json").read_text())["parity"]["cast"]
     assert cast["logits_ok"] and cast["max_abs_logit_diff"] > 0  # bf16 differs a little, within tolerance
+
+
+def test_push_private_false_reaches_the_api(sft_export_args, tmp_path, monkeypatch):
+    FakeHub.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: SECRET)
+    args = sft_export_args(tmp_path, "export.push_to_hub=true", "export.hub_repo_id=someone/public", "export.private=false")
+    assert main(args) == 0
+    assert FakeHub.calls[0] == ("create_repo", "someone/public", False)
+    assert [c[0] for c in FakeHub.calls] == ["create_repo", "upload_folder"]  # no revision: no branch made
+    assert FakeHub.calls[1][2] is None
+
+
+def test_network_failure_is_one_line_after_a_complete_local_export(sft_export_args, tmp_path, monkeypatch, capsys):
+    class Offline(FakeHub):
+        def create_repo(self, *a, **k):
+            raise ConnectionError("Max retries exceeded with url: /api/repos/create\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: SECRET)
+    assert main(sft_export_args(tmp_path, "export.push_to_hub=true", "export.hub_repo_id=someone/x")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: export.hub_repo_id: push to someone/x failed: Max retries exceeded")
+    assert "the local export is complete" in err[-1] and SECRET not in err[-1]
+    assert (tmp_path / "exp" / "manifest.json").is_file() and (tmp_path / "exp" / "model" / "config.json").is_file()
+
+
+def test_ppo_critic_exports_as_a_value_model(chain, tmp_path):
+    """`source: <ppo run>/critic`: the critic adapter merged onto its reward-model base, head included."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    ppo = run_stage("ppo", chain["root"], "train.max_steps=1", "ppo.gold_every=0", f"output_dir={tmp_path}/ppo")
+    out = run_stage("export", chain["root"], f"source={ppo}/critic", "export.dtype=float32",
+                    f"output_dir={tmp_path}/critic-export")
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    assert model.config.num_labels == 1
+    fp = json.loads((ppo / "manifest.json").read_text())["critic_info"]["fingerprint"]
+    from rlhf.models import ScalarHead
+
+    values = ScalarHead(model)(torch.tensor([fp["input_ids"]]), torch.ones(1, len(fp["input_ids"]), dtype=torch.long))
+    assert torch.allclose(values[0], torch.tensor(fp["values"]), atol=1e-4)
