@@ -11,17 +11,35 @@ from data_formats.tasks import grade, has_gold
 from rlhf.rollout import complete
 
 
+def gold_sums(model, tokenizer, prompts: list[dict], cfg, device, scorer=None, seed: int = 0, first: int = 0,
+              batches: int = 0, synced: bool = False) -> dict[str, float]:
+    """Counts behind `gold_eval` for `prompts`, which may be one process's shard of the gold prompts:
+    {'correct', 'graded', 'ended', 'rows'(, 'proxy' summed)}. Add them over processes, then `gold_metrics`.
+    `first`, `batches`, `synced`: see `rlhf.rollout.complete`."""
+    rows = complete(model, tokenizer, [p["prompt_ids"] for p in prompts], cfg, device, seed=seed, first=first,
+                    batches=batches, synced=synced)
+    graded = [grade(p["meta"], r["completion"]) for p, r in zip(prompts, rows) if has_gold(p["meta"])]
+    out = {"correct": float(sum(graded)), "graded": float(len(graded)),
+           "ended": float(sum(r["ended"] for r in rows)), "rows": float(len(rows))}
+    if scorer is not None:
+        texts = [p["prompt"] + r["completion"] for p, r in zip(prompts, rows)]
+        out["proxy"] = float(scorer(texts, ended=[r["ended"] for r in rows]).sum())
+    return out
+
+
+def gold_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """gold/accuracy, gold/eos_rate (and gold/proxy_score) from `gold_sums` (of one or all processes)."""
+    out = {"gold/accuracy": sums["correct"] / sums["graded"] if sums["graded"] else float("nan"),
+           "gold/eos_rate": sums["ended"] / max(sums["rows"], 1.0)}
+    if "proxy" in sums:
+        out["gold/proxy_score"] = sums["proxy"] / max(sums["rows"], 1.0)
+    return out
+
+
 def gold_eval(model, tokenizer, prompts: list[dict], cfg, device, scorer=None, seed: int = 0) -> dict:
     """Gold accuracy (and mean proxy score) of completions for `prompts` ({'prompt_ids', 'meta', 'prompt'}).
     The same per-prompt noise at every call (seeded decoder): changes are the policy's, not the dice's."""
-    rows = complete(model, tokenizer, [p["prompt_ids"] for p in prompts], cfg, device, seed=seed)
-    graded = [grade(p["meta"], r["completion"]) for p, r in zip(prompts, rows) if has_gold(p["meta"])]
-    out = {"gold/accuracy": sum(graded) / len(graded) if graded else float("nan"),
-           "gold/eos_rate": sum(r["ended"] for r in rows) / max(len(rows), 1)}
-    if scorer is not None:
-        texts = [p["prompt"] + r["completion"] for p, r in zip(prompts, rows)]
-        out["gold/proxy_score"] = float(scorer(texts).mean())
-    return out
+    return gold_metrics(gold_sums(model, tokenizer, prompts, cfg, device, scorer, seed))
 
 
 class OverOptimisationMonitor:

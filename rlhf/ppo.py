@@ -1,4 +1,5 @@
-"""The pieces of one PPO iteration that touch models: scoring, the no-grad passes, the update epochs.
+"""The pieces of one PPO iteration that touch models: the four roles, scoring, the no-grad passes, the
+update epochs.
 
 The math they call is in `rlhf.losses`; the order of the phases is in `stages/ppo.py`.
 """
@@ -8,12 +9,112 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PretrainedConfig
 
+from rlhf.errors import UserError
 from rlhf.forward import response_logprobs
 from rlhf.losses import masked_mean, ppo_policy_loss, ppo_value_loss
-from rlhf.models import position_ids_from_mask
+from rlhf.models import (ScalarHead, apply_lora, count_parameters, load_model, module_bytes,
+                         position_ids_from_mask)
 from rlhf.optim import optimizer_step
 from rlhf.runtime import global_sum, global_sums, micro_batch
+from rlhf.scoring import RewardScorer, load_scorer
+
+
+# --- the four roles (Ouyang et al. 2022; the seeds' walk-through, 004: actor, critic, reference, reward) -----
+
+
+@dataclass
+class Roles:
+    actor: torch.nn.Module  # trained; starts as the SFT model (LoRA-wrapped unless lora is null)
+    critic: ScalarHead  # trained; the reward model's (or the SFT model's) backbone + a value head
+    reference: torch.nn.Module | None  # frozen SFT copy; None under LoRA: the actor with its adapter disabled
+    reward: RewardScorer  # frozen
+    same_vocab: bool  # the reward model reads the actor's token ids as they are
+
+
+def load_roles(recipe, tokenizer, device) -> Roles:
+    """Load the four models of a PPO recipe, dropout off, actor and critic in train mode."""
+    m, o, lora = recipe.model, recipe.ppo, recipe.lora
+    load = dict(dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                attn_implementation=m.attn_implementation, vocab=len(tokenizer),
+                quantize_4bit=bool(lora and lora.quantization == "4bit"))
+    actor = load_model(m.name_or_path, **load)
+    reference = None
+    if lora is None:
+        reference = load_model(m.name_or_path, **load).to(device).eval().requires_grad_(False)
+    reward = load_scorer(o.reward_model, device, dtype=m.dtype, normalize=o.normalize_reward, key="ppo.reward_model")
+    same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
+    if o.critic_init == "reward":
+        if not same_vocab:
+            raise UserError("the reward model's tokenizer differs from the actor's; the critic cannot start from "
+                            "it (use ppo.critic_init: actor)", None, "ppo.critic_init")
+        critic_backbone = load_model(o.reward_model, "ppo.reward_model", task="seq_cls", **load)
+    else:
+        critic_backbone = load_model(m.name_or_path, task="seq_cls", **load)
+    if m.gradient_checkpointing:
+        for model in (actor, critic_backbone):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        actor = apply_lora(actor, lora)
+        critic_backbone = apply_lora(critic_backbone, lora, task="seq_cls")
+    critic = ScalarHead(critic_backbone)
+    disable_dropout(actor, critic, reward.model, *([reference] if reference is not None else []))
+    # from_pretrained returns eval mode, and HF layers recompute activations (gradient checkpointing) only
+    # in train mode; with dropout off, train mode changes nothing else. Generation switches to eval itself.
+    actor.train()
+    critic.train()
+    return Roles(actor, critic, reference, reward, same_vocab)
+
+
+def disable_dropout(*models) -> None:
+    """Dropout off in every role: logprobs of the rollout and of the update must be comparable.
+
+    `nn.Dropout` modules get p = 0. Attention dropout is applied functionally in train mode from a float
+    the attention module copied from its config (Llama: `self.attention_dropout`), so every float attribute
+    named *dropout* of every module, and of every config found on the way (peft's inner model included),
+    is set to 0 as well.
+    """
+    def zero(obj) -> None:
+        for name, value in list(vars(obj).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(obj, name, 0.0)
+            elif isinstance(value, PretrainedConfig):  # a module's config, a config's sub-configs
+                zero(value)
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            zero(module)
+
+
+def memory_report(roles: Roles, device) -> str:
+    """Bytes each role holds (the reference shares the actor's weights under LoRA)."""
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.3f} GiB" if n >= 2**26 else f"{n / 2**20:.1f} MiB"
+
+    trainable_actor, _ = count_parameters(roles.actor)
+    trainable_critic, _ = count_parameters(roles.critic)
+    return "\n".join([
+        f"ppo roles on {device}:",
+        f"  actor      {gib(module_bytes(roles.actor))}  ({trainable_actor / 1e6:.3f}M trainable)",
+        "  reference  " + (gib(module_bytes(roles.reference)) if roles.reference is not None
+                           else "shared with the actor (adapter disabled)"),
+        f"  critic     {gib(module_bytes(roles.critic))}  ({trainable_critic / 1e6:.3f}M trainable)",
+        f"  reward     {gib(module_bytes(roles.reward.model))}  (frozen)"])
+
+
+def filtered_sampling_warning(generate) -> str | None:
+    """The caveat of top-k / top-p rollouts, or None when sampling uses the full distribution."""
+    if generate.temperature > 0 and (generate.top_k or generate.top_p < 1.0):
+        return (f"generate.top_k={generate.top_k} / top_p={generate.top_p:g} filter the sampling distribution, but "
+                "logprobs, ratios and the KL penalty use the unfiltered (temperature-scaled) policy; they refer to "
+                "that policy, not the one the responses were sampled from")
+    return None
+
+
+# --- one iteration -------------------------------------------------------------------------------------------
 
 
 @dataclass

@@ -4,6 +4,10 @@ An engine is a function `(model, input_ids, attention_mask, cfg, eos_id, pad_id)
 `ENGINES` maps recipe names to them, so a faster engine (vLLM, a CUDA-graph decoder) can be added
 without touching the stages. Every engine returns responses truncated after the first EOS and
 right-padded with the pad token, with a mask that is 1 on real response tokens (EOS included).
+
+`synced=True` says that every process calls the engine together (PPO's rollouts and gold evaluation):
+with sharded weights (FSDP) each forward gathers them from every process, so all processes must run the
+same number of forwards, and a process whose rows have all ended keeps decoding until every one has.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -26,6 +31,18 @@ class Generation:
         return self.sequences[:, self.prompt_width:]
 
 
+def decode_responses(tokenizer, gen: Generation) -> list[str]:
+    """Each row's real response tokens as text. Pad positions are dropped, not decoded: masking them to
+    id 0 instead would append id 0's character ('!' in many vocabularies) to every text."""
+    return [tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True)
+            for row, mask in zip(gen.responses, gen.response_mask)]
+
+
+def processes() -> int:
+    """Processes in the default torch.distributed group (1 when it is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                        torch.Tensor]:
     """Keep tokens up to and including the first EOS; pad the rest. (B, A) -> (responses, mask, ended)."""
@@ -39,11 +56,11 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tup
 
 
 def hf_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int,
-                static_cache: bool = False) -> Generation:
+                static_cache: bool = False, synced: bool = False) -> Generation:
     """transformers' `generate` (KV cache; a static, compilable cache on GPU when asked)."""
     sample = cfg.temperature > 0
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=eos_id, pad_token_id=pad_id,
-                  suppress_tokens=[pad_id], use_cache=True)
+                  suppress_tokens=[pad_id], use_cache=True, synced_gpus=synced and processes() > 1)
     if sample:
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
     if static_cache:
@@ -100,12 +117,12 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def seeded_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int,
-                    keys: torch.Tensor | None = None) -> Generation:
+                    keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
     """Our own KV-cached decoder with Gumbel-max sampling from hashed noise.
 
     Each row's sample is a function of its key (and the model), so a rollout is the same whatever the
     batch size, chunking or number of processes: 1-process and N-process PPO runs see the same samples.
-    Finished rows are checked on the host only every 8 tokens.
+    Finished rows are checked on the host only every 8 tokens (with `synced`, over all processes there).
     """
     from transformers import DynamicCache
 
@@ -133,7 +150,7 @@ def seeded_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: 
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             tokens.append(nxt)
             done = done | (nxt == eos_id)
-            if step + 1 == cfg.max_new_tokens or (step % 8 == 7 and bool(done.all())):
+            if step + 1 == cfg.max_new_tokens or (step % 8 == 7 and _all_done(done, synced)):
                 break
             mask = torch.cat([mask, (~done | (nxt == eos_id)).long()[:, None]], dim=1)
             positions = positions[:, -1:] + 1
@@ -144,38 +161,55 @@ def seeded_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: 
     return Generation(sequences, torch.cat([attention_mask, rmask], dim=1), rmask, ended, input_ids.shape[1])
 
 
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row has ended (with `synced`: on every process; MIN over processes of 0/1)."""
+    finished = done.all()
+    if synced and processes() > 1:
+        finished = finished.to(torch.int32)
+        dist.all_reduce(finished, op=dist.ReduceOp.MIN)
+    return bool(finished)
+
+
 ENGINES = {"seeded": seeded_generate, "hf": hf_generate,
            "hf_static": lambda *a, **k: hf_generate(*a, **k, static_cache=True)}
 
 
 def generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, engine: str = "seeded",
-             keys: torch.Tensor | None = None) -> Generation:
+             keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
     """Sample (or greedily decode, temperature 0) responses with the named engine."""
     was_training = model.training
     model.eval()
     try:
         if engine == "seeded":
-            return seeded_generate(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys)
-        return ENGINES[engine](model, input_ids, attention_mask, cfg, eos_id, pad_id)
+            return seeded_generate(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys, synced)
+        return ENGINES[engine](model, input_ids, attention_mask, cfg, eos_id, pad_id, synced=synced)
     finally:
         model.train(was_training)
 
 
 def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine: str = "seeded",
-             seed: int = 0, step: int = 0) -> list[dict]:
-    """Decode completions for prompts (in batches of cfg.batch_size): [{'completion', 'ended', 'tokens'}]."""
+             seed: int = 0, step: int = 0, first: int = 0, batches: int = 0,
+             synced: bool = False) -> list[dict]:
+    """Decode completions for prompts (in batches of cfg.batch_size): [{'completion', 'ended', 'tokens'}].
+
+    `first`: index of prompt_ids[0] in a longer list sharded over processes (the seeded noise is keyed by
+    it, so a shard decodes as the whole list would). `batches`: generate calls to make at least; calls
+    beyond the prompts decode a one-token placeholder and are dropped (synced processes with fewer prompts).
+    """
     from rlhf.data import collate_prompts
 
     out = []
-    for i in range(0, len(prompt_ids), cfg.batch_size):
-        batch = collate_prompts([{"prompt_ids": p} for p in prompt_ids[i:i + cfg.batch_size]], tokenizer.pad_token_id)
-        keys = row_keys(seed, step, range(i, i + batch["input_ids"].shape[0]), device)
+    for b in range(max(batches, -(-len(prompt_ids) // cfg.batch_size))):
+        i = b * cfg.batch_size
+        real = prompt_ids[i:i + cfg.batch_size]
+        chunk = real or [[tokenizer.eos_token_id]]  # a placeholder that only takes part in the forwards
+        batch = collate_prompts([{"prompt_ids": p} for p in chunk], tokenizer.pad_token_id)
+        keys = row_keys(seed, step, range(first + i, first + i + len(chunk)), device)
         gen = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg,
-                       tokenizer.eos_token_id, tokenizer.pad_token_id, engine, keys)
-        for row, mask, ended in zip(gen.responses, gen.response_mask, gen.ended):
-            ids = row[mask.bool()].tolist()
-            out.append({"completion": tokenizer.decode(ids, skip_special_tokens=True), "ended": bool(ended),
-                        "tokens": len(ids)})
+                       tokenizer.eos_token_id, tokenizer.pad_token_id, engine, keys, synced)
+        texts = decode_responses(tokenizer, gen)
+        for text, mask, ended in list(zip(texts, gen.response_mask, gen.ended))[:len(real)]:
+            out.append({"completion": text, "ended": bool(ended), "tokens": int(mask.sum())})
     return out
 
 
@@ -213,7 +247,7 @@ def concat(gens: list[Generation], pad_id: int) -> Generation:
 
 
 def sample(model, examples: list[dict], cfg, eos_id: int, pad_id: int, device, keys: torch.Tensor | None = None,
-           engine: str = "seeded") -> Generation:
+           engine: str = "seeded", synced: bool = False) -> Generation:
     """Rollouts for prompt examples ({'prompt_ids'}), generated `cfg.batch_size` prompts at a time.
     `keys` (one per example, see `row_keys`) make each row's sample independent of the batching."""
     from rlhf.data import collate_prompts
@@ -223,5 +257,5 @@ def sample(model, examples: list[dict], cfg, eos_id: int, pad_id: int, device, k
         batch = collate_prompts(examples[i:i + cfg.batch_size], pad_id)
         chunk_keys = keys[i:i + cfg.batch_size] if keys is not None else None
         gens.append(generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg, eos_id,
-                             pad_id, engine, chunk_keys))
+                             pad_id, engine, chunk_keys, synced))
     return concat(gens, pad_id)

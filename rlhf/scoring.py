@@ -49,12 +49,16 @@ class RewardScorer:
             scores = (scores - self.stats["mean"]) / self.stats["std"]
         return scores
 
-    def __call__(self, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+    def __call__(self, texts: list[str], batch_size: int = 16, ended: list[bool] | None = None) -> torch.Tensor:
+        """Scores of prompt+response texts. Decoded text has lost the response's EOS, so EOS is appended
+        where the response ended: to every text, or where `ended` (one flag per text) says so. A response
+        cut at max_new_tokens is scored without it, as `score_ids` sees it in the token ids."""
+        eos = self.tokenizer.eos_token_id
         out = []
         for i in range(0, len(texts), batch_size):
             ids = self.tokenizer(texts[i:i + batch_size], add_special_tokens=True)["input_ids"]
-            ids = [x + [self.tokenizer.eos_token_id] if not x or x[-1] != self.tokenizer.eos_token_id else x
-                   for x in ids]
+            flags = [True] * len(ids) if ended is None else [bool(e) for e in ended[i:i + batch_size]]
+            ids = [x + [eos] if end and (not x or x[-1] != eos) else x for x, end in zip(ids, flags)]
             input_ids = pad(ids, self.tokenizer.pad_token_id)
             mask = pad([[1] * len(x) for x in ids], 0)
             out.append(self.score_ids(input_ids, mask).cpu())

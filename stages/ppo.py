@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 from data_formats.schemas import parse_prompt
@@ -26,31 +27,29 @@ from data_formats.tasks import has_gold
 from rlhf import checkpoint
 from rlhf.artifacts import MetricsLog, RunFolder, expect_run
 from rlhf.data import encode_prompts, load_split, plan_batches
-from rlhf.errors import Interrupted, UserError
+from rlhf.errors import Interrupted, RecipeError, UserError
 from rlhf.forward import response_logprobs
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import gae, kl_penalized_rewards, masked_whiten, per_token_kl
-from rlhf.models import ScalarHead, apply_lora, count_parameters, load_model, load_tokenizer, module_bytes
+from rlhf.models import load_tokenizer
 from rlhf.saving import save_model
-from rlhf.monitor import OverOptimisationMonitor, gold_eval
+from rlhf.monitor import OverOptimisationMonitor, gold_metrics, gold_sums
 from rlhf.optim import StepGuard, build_optimizer, build_scheduler
-from rlhf.ppo import Experience, global_whiten_stats, no_grad_passes, rollout_metrics, shape_scores, update
+from rlhf.ppo import (Experience, filtered_sampling_warning, global_whiten_stats, load_roles, memory_report,
+                      no_grad_passes, rollout_metrics, shape_scores, update)
 from rlhf.recipes import PPORecipe, PromptData, derived
-from rlhf.rollout import row_keys, sample
-from rlhf.runtime import Interrupt, global_sum, make_accelerator, seed_everything
-from rlhf.scoring import load_scorer
-
-
-def disable_dropout(*models) -> None:
-    """Dropout off in every role: logprobs of the rollout and of the update must be comparable."""
-    for model in models:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+from rlhf.rollout import decode_responses, row_keys, sample
+from rlhf.runtime import Interrupt, global_sum, global_sums, make_accelerator, seed_everything
 
 
 def run(recipe: PPORecipe) -> Path:
+    if recipe.train.mixed_precision == "fp16":  # the recipe's value: on CPU it would resolve to "no"
+        raise RecipeError("PPO steps two optimizers (actor, critic) and fp16 loss scaling has one grad scaler; "
+                          "use bf16 or no", key="train.mixed_precision")
     accelerator = make_accelerator(recipe.train.mixed_precision)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # one plugin cannot prepare actor and critic
+        raise UserError("PPO trains two models, which accelerate cannot prepare under DeepSpeed; launch it under "
+                        "DDP or FSDP (recipes/accelerate/fsdp.yaml)")
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final
@@ -77,32 +76,13 @@ def run(recipe: PPORecipe) -> Path:
     for name, path in (("model", m.name_or_path), ("reward_model", o.reward_model), ("data.train", recipe.data.train)):
         folder.input(name, path)
 
-    # --- the four roles ------------------------------------------------------------------------------
-    load = dict(dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                attn_implementation=m.attn_implementation, vocab=len(tokenizer))
-    actor = load_model(m.name_or_path, **load)
-    if m.gradient_checkpointing:
-        actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = None  # with LoRA the reference is the actor with its adapter disabled: no second copy
-    if recipe.lora is not None:
-        actor = apply_lora(actor, recipe.lora)
-    else:
-        reference = load_model(m.name_or_path, **load).to(device).eval().requires_grad_(False)
-    reward = load_scorer(o.reward_model, device, dtype=m.dtype, normalize=o.normalize_reward, key="ppo.reward_model")
-    same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
-    if o.critic_init == "reward":
-        if not same_vocab:
-            raise UserError("the reward model's tokenizer differs from the actor's; the critic cannot start from "
-                            "it (use ppo.critic_init: actor)", None, "ppo.critic_init")
-        critic_backbone = load_model(o.reward_model, "ppo.reward_model", task="seq_cls", **load)
-    else:
-        critic_backbone = load_model(m.name_or_path, task="seq_cls", **load)
-    if recipe.lora is not None:
-        critic_backbone = apply_lora(critic_backbone, recipe.lora, task="seq_cls")
-    critic = ScalarHead(critic_backbone)
-    disable_dropout(actor, critic, reward.model, *([reference] if reference is not None else []))
+    # --- the four roles: actor and critic trained (train mode), reference and reward frozen -----------
+    roles = load_roles(recipe, tokenizer, device)  # under LoRA the reference is the actor, adapter disabled
+    actor, critic, reference, reward = roles.actor, roles.critic, roles.reference, roles.reward
     if accelerator.is_main_process:
-        print(memory_report(actor, critic, reference, reward.model, device), file=sys.stderr)
+        print(memory_report(roles, device), file=sys.stderr)
+        if warning := filtered_sampling_warning(g):
+            print(f"warning: {warning}", file=sys.stderr)
 
     iterations = max(1, math.ceil(t.epochs * len(prompts) / o.rollout_batch_size))
     iterations = min(iterations, t.max_steps) if t.max_steps else iterations
@@ -153,14 +133,20 @@ def run(recipe: PPORecipe) -> Path:
             return response_logprobs(policy, sequences, attention_mask, width, g.temperature or 1.0)[0]
 
     def gold_check(it: int, kl: float) -> dict:
-        """Gold accuracy and proxy score on held-out prompts (main process), with the monitor's warnings."""
-        out = {}
-        if accelerator.is_main_process:
-            out = gold_eval(accelerator.unwrap_model(actor), tokenizer, gold_prompts, g, device, reward, recipe.seed)
-            for warning in monitor.check(it, out, kl):
-                print(f"warning: {warning}", file=sys.stderr)
-                out["monitor/warnings"] = out.get("monitor/warnings", 0) + 1
-        accelerator.wait_for_everyone()
+        """Gold accuracy and proxy score on the held-out prompts, with the monitor's warnings. Every process
+        decodes a contiguous shard (sharded weights need all of them in each forward) and the counts are
+        summed; every process keeps the monitor's state, the main one prints."""
+        n = len(gold_prompts)
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        calls = math.ceil(math.ceil(n / world) / g.batch_size)  # the largest shard's; every process makes as many
+        sums = gold_sums(accelerator.unwrap_model(actor), tokenizer, gold_prompts[lo:hi], g, device, reward,
+                         recipe.seed, first=lo, batches=calls, synced=True)
+        out = gold_metrics(global_sums(accelerator, sums))
+        warnings = monitor.check(it, out, kl)
+        if warnings:
+            out["monitor/warnings"] = len(warnings)
+        for warning in warnings if accelerator.is_main_process else []:
+            print(f"warning: {warning}", file=sys.stderr)
         return out
 
     if gold_prompts and state["iteration"] == 0:
@@ -181,17 +167,17 @@ def run(recipe: PPORecipe) -> Path:
             # 1. rollout: the actor samples; responses end at the first EOS ----------------------------------
             clock = time.perf_counter()
             keys = row_keys(recipe.seed, it, mine, device)  # samples independent of batching and process count
-            gen = sample(accelerator.unwrap_model(actor), [prompts[i] for i in mine], g, eos_id, pad_id, device, keys)
+            gen = sample(accelerator.unwrap_model(actor), [prompts[i] for i in mine], g, eos_id, pad_id, device, keys,
+                         synced=True)
             times["time/generate_s"] = time.perf_counter() - clock
 
             # 2. score prompt+response once with the frozen reward model --------------------------------------
             clock = time.perf_counter()
-            if same_vocab:
+            if roles.same_vocab:
                 raw = reward.score_ids(gen.sequences, gen.attention_mask)
-            else:
-                raw = reward([p + c for p, c in zip(
-                    [prompts[i]["prompt"] for i in mine],
-                    tokenizer.batch_decode(gen.responses * gen.response_mask, skip_special_tokens=True))]).to(device)
+            else:  # through text: the actor's real response tokens, EOS only where the response ended
+                texts = [prompts[i]["prompt"] + c for i, c in zip(mine, decode_responses(tokenizer, gen))]
+                raw = reward(texts, ended=gen.ended.tolist()).to(device)
             scores = shape_scores(raw, gen.ended, o.missing_eos_penalty, o.reward_clip)
             times["time/score_s"] = time.perf_counter() - clock
 
@@ -263,18 +249,3 @@ class _UpdateCfg:
         self.__dict__.update(vars(ppo))
         self.temperature = temperature
 
-
-def memory_report(actor, critic, reference, reward, device) -> str:
-    """Bytes each role holds (the reference shares the actor's weights under LoRA)."""
-    def gib(n: int) -> str:
-        return f"{n / 2**30:.3f} GiB" if n >= 2**26 else f"{n / 2**20:.1f} MiB"
-
-    trainable_actor, _ = count_parameters(actor)
-    trainable_critic, _ = count_parameters(critic)
-    lines = [f"ppo roles on {device}:",
-             f"  actor      {gib(module_bytes(actor))}  ({trainable_actor / 1e6:.3f}M trainable)",
-             "  reference  " + (gib(module_bytes(reference)) if reference is not None
-                                else "shared with the actor (adapter disabled)"),
-             f"  critic     {gib(module_bytes(critic))}  ({trainable_critic / 1e6:.3f}M trainable)",
-             f"  reward     {gib(module_bytes(reward))}  (frozen)"]
-    return "\n".join(lines)

@@ -51,6 +51,10 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("stage, extra, kill_at", [
     ("sft", ["train.max_steps=60", "train.epochs=10", "train.save_every=10", "train.log_every=3"], 10),
     ("ppo", ["train.max_steps=10", "train.save_every=2", "ppo.gold_every=3"], 2),
+    # the adaptive KL coefficient moves by up to 20% per iteration (16 episodes over a horizon of 16), so a
+    # resume that forgot the controller's state would log a different kl_coef after the checkpoint
+    pytest.param("ppo", ["train.max_steps=4", "train.save_every=2", "ppo.gold_every=0", "ppo.kl_control=adaptive",
+                         "ppo.kl_target=0.5", "ppo.kl_horizon=16"], 2, id="ppo-adaptive-kl"),
 ])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(chain, tmp_path, stage, extra, kill_at):
     whole = run_cli(cli_args(stage, chain["root"], *extra, f"output_dir={tmp_path}/whole"))
@@ -63,6 +67,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(chain, tmp_path, stage
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {killed}.partial/checkpoints/step-{kill_at:08d}" in resumed.stderr
     assert lines(killed) == lines(tmp_path / "whole")  # bit-identical on CPU
+    if "ppo.kl_control=adaptive" in extra:
+        coefs = [m["kl_coef"] for m in lines(killed) if "kl_coef" in m]
+        assert coefs[kill_at] != coefs[0]  # the first iteration after the resume starts from a moved coefficient
     assert json.loads((killed / "manifest.json").read_text())["metrics"]["train/loss" if stage == "sft"
                                                                          else "objective/score"] is not None
 
