@@ -37,7 +37,7 @@ class ModelSection:
 class LoraSection:
     r: int = opt(8, "LoRA rank", gt=0)
     alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r)", gt=0)
-    dropout: float = opt(0.05, "dropout on the LoRA input (off during PPO: all models run in eval mode)", ge=0, lt=1)
+    dropout: float = opt(0.05, "dropout on the LoRA input (PPO turns dropout off in every role)", ge=0, lt=1)
     target_modules: Union[str, list[str]] = opt("all-linear", "module names to adapt, or 'all-linear'")
     modules_to_save: list[str] = opt([], "extra modules trained in full and saved with the adapter")
     quantization: Literal["none", "4bit"] = opt("none", "'4bit' = QLoRA: frozen base in NF4 via bitsandbytes (GPU)")
@@ -435,4 +435,7 @@ def check_derived(recipe, processes: int) -> None:
     if ppo is not None and ppo.rollout_batch_size % processes:
         raise RecipeError(f"{ppo.rollout_batch_size} is not divisible by {processes} processes",
                           key="ppo.rollout_batch_size")
+    if ppo is not None and train.mixed_precision == "fp16":
+        raise RecipeError("PPO steps two optimizers (actor, critic) and fp16 loss scaling has one grad scaler; "
+                          "use bf16 or no", key="train.mixed_precision")
 

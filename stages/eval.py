@@ -21,7 +21,7 @@ from rlhf.data import collate_prompts, encode_prompts, load_split, to_device
 from rlhf.forward import response_logprobs
 from rlhf.models import load_model, load_tokenizer
 from rlhf.recipes import EvalRecipe, SFTData, GenerateSection
-from rlhf.rollout import generate, row_keys
+from rlhf.rollout import decode_responses, generate, row_keys
 from rlhf.runtime import partial_state, seed_everything
 from rlhf.scoring import load_scorer
 
@@ -40,8 +40,7 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
         keys = row_keys(seed, 0, range(start, start + len(chunk)), device)
         gen = generate(model, batch["input_ids"], batch["attention_mask"], cfg, tokenizer.eos_token_id,
                        tokenizer.pad_token_id, keys=keys)
-        texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-                 for r, m in zip(gen.responses, gen.response_mask)]
+        texts = decode_responses(tokenizer, gen)
         mask = gen.response_mask.float()
         lengths += mask.sum(-1).tolist()
         ended += gen.ended.tolist()
@@ -55,7 +54,7 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
             if scorer.tokenizer.get_vocab() == tokenizer.get_vocab():
                 scores += scorer.score_ids(gen.sequences, gen.attention_mask).tolist()
             else:
-                scores += scorer([p["prompt"] + t for p, t in zip(chunk, texts)]).tolist()
+                scores += scorer([p["prompt"] + t for p, t in zip(chunk, texts)], ended=gen.ended.tolist()).tolist()
         if reference is not None:
             with torch.no_grad():
                 lp, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature)

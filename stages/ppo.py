@@ -23,11 +23,10 @@ from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 from data_formats.schemas import parse_prompt
-from data_formats.tasks import has_gold
 from rlhf import checkpoint
 from rlhf.artifacts import MetricsLog, RunFolder, expect_run
-from rlhf.data import encode_prompts, load_split, plan_batches
-from rlhf.errors import Interrupted, RecipeError, UserError
+from rlhf.data import encode_prompts, load_gold_prompts, load_split, plan_batches
+from rlhf.errors import Interrupted, UserError
 from rlhf.forward import response_logprobs
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import gae, kl_penalized_rewards, masked_whiten, per_token_kl
@@ -37,15 +36,12 @@ from rlhf.monitor import OverOptimisationMonitor, gold_metrics, gold_sums
 from rlhf.optim import StepGuard, build_optimizer, build_scheduler
 from rlhf.ppo import (Experience, filtered_sampling_warning, global_whiten_stats, load_roles, memory_report,
                       no_grad_passes, rollout_metrics, shape_scores, update)
-from rlhf.recipes import PPORecipe, PromptData, derived
+from rlhf.recipes import PPORecipe, derived
 from rlhf.rollout import decode_responses, row_keys, sample
 from rlhf.runtime import Interrupt, global_sum, global_sums, make_accelerator, seed_everything
 
 
 def run(recipe: PPORecipe) -> Path:
-    if recipe.train.mixed_precision == "fp16":  # the recipe's value: on CPU it would resolve to "no"
-        raise RecipeError("PPO steps two optimizers (actor, critic) and fp16 loss scaling has one grad scaler; "
-                          "use bf16 or no", key="train.mixed_precision")
     accelerator = make_accelerator(recipe.train.mixed_precision)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # one plugin cannot prepare actor and critic
         raise UserError("PPO trains two models, which accelerate cannot prepare under DeepSpeed; launch it under "
@@ -65,16 +61,13 @@ def run(recipe: PPORecipe) -> Path:
     prompts, prompt_counts = encode_prompts(split.train, tokenizer, recipe.data.max_prompt_len)
     gold_prompts = []
     if o.gold_prompts and o.gold_every:
-        gold_split = load_split(PromptData(train=o.gold_prompts, template=recipe.data.template), parse_prompt,
-                                recipe.seed)
-        gold_prompts = [p for p in encode_prompts(gold_split.train, tokenizer, recipe.data.max_prompt_len)[0]
-                        if has_gold(p["meta"])][: o.gold_count]
-        if not gold_prompts:
-            raise UserError("no record has a gold answer ('task' and 'answer' of the task suite)", o.gold_prompts,
-                            "ppo.gold_prompts")
+        gold_prompts = load_gold_prompts(o.gold_prompts, recipe.data.template, tokenizer, recipe.data.max_prompt_len,
+                                         o.gold_count, recipe.seed)
     folder.counts = {**split.counts, **prompt_counts, "gold_prompts": len(gold_prompts)}
-    for name, path in (("model", m.name_or_path), ("reward_model", o.reward_model), ("data.train", recipe.data.train)):
-        folder.input(name, path)
+    for name, path in (("model", m.name_or_path), ("reward_model", o.reward_model), ("data.train", recipe.data.train),
+                       ("ppo.gold_prompts", o.gold_prompts if gold_prompts else None)):
+        if path:
+            folder.input(name, path)
 
     # --- the four roles: actor and critic trained (train mode), reference and reward frozen -----------
     roles = load_roles(recipe, tokenizer, device)  # under LoRA the reference is the actor, adapter disabled

@@ -103,7 +103,8 @@ def run(recipe: SFTRecipe) -> Path:
         # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
         records = (split.eval or split.train)[: recipe.samples]
         prompt_ids = tokenizer([r.prompt for r in records], add_special_tokens=True)["input_ids"]
-        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids, recipe.generate, accelerator.device)
+        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids, recipe.generate, accelerator.device,
+                        synced=True)
         if accelerator.is_main_process:
             write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row} for r, row in zip(records, rows)])
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},

@@ -21,7 +21,8 @@ COMPARED = {
     "sft": ["train/loss", "eval/loss"],
     "rm": ["train/loss/pairwise", "train/rewards/accuracy", "eval/loss/pairwise"],
     "dpo": ["train/loss/dpo", "train/rewards/margin", "eval/loss/dpo"],
-    "ppo": ["objective/score", "objective/kl", "loss/policy", "loss/value", "policy/approx_kl"],
+    "ppo": ["objective/score", "objective/kl", "loss/policy", "loss/value", "policy/approx_kl", "gold/accuracy",
+            "gold/proxy_score"],
 }
 EXTRA = {
     "sft": ["train.max_steps=6", "train.batch_size=16", "train.micro_batch_size=4", "train.eval_every=3",
@@ -31,7 +32,7 @@ EXTRA = {
     "dpo": ["train.max_steps=4", "train.batch_size=8", "train.micro_batch_size=2", "train.eval_every=2",
             "train.log_every=1"],
     "ppo": ["train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=2", "ppo.rollout_batch_size=16",
-            "ppo.gold_every=0"],
+            "ppo.gold_every=1", "ppo.gold_count=7"],  # 7 gold prompts: shards of 4 and 3 on two processes
 }
 
 

@@ -24,7 +24,7 @@ from rlhf.forward import response_logprobs
 from rlhf.models import ScalarHead, apply_lora, hf_model, load_tokenizer
 from rlhf.monitor import OverOptimisationMonitor
 from rlhf.ppo import critic_values, disable_dropout, filtered_sampling_warning, load_roles
-from rlhf.recipes import GenerateSection, LoraSection
+from rlhf.recipes import GenerateSection, LoraSection, load_recipe
 from rlhf.rollout import Generation, decode_responses
 from tests.chain import cli_args, recipe, run_stage
 
@@ -178,8 +178,15 @@ def refused(chain, tmp_path, capsys, *extra) -> str:
 
 
 def test_fp16_is_refused(chain, tmp_path, capsys):
-    err = refused(chain, tmp_path, capsys, "train.mixed_precision=fp16")
-    assert err.startswith("error: train.mixed_precision: ") and "bf16 or no" in err
+    err = refused(chain, tmp_path, capsys, "train.mixed_precision=fp16")  # refused at recipe load
+    assert err.startswith("error: command line: train.mixed_precision: ") and "bf16 or no" in err
+    from rlhf.errors import RecipeError
+    from tests.chain import write_recipe
+
+    raw = write_recipe("ppo", chain["root"]).read_text().replace("train:\n", "train:\n  mixed_precision: fp16\n", 1)
+    (tmp_path / "fp16.yaml").write_text(raw)
+    with pytest.raises(RecipeError, match=r"fp16.yaml: train.mixed_precision: PPO steps two optimizers"):
+        load_recipe(tmp_path / "fp16.yaml", "ppo")  # in the file: the error names the file (rlhf check too)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU 4-bit loading is possible")
