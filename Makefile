@@ -19,7 +19,7 @@ else
   LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCEL_CONFIG),--config_file $(ACCEL_CONFIG),--multi_gpu) --num_processes $(NPROC) -m rlhf.cli
 endif
 
-.PHONY: setup test demo report check plan $(STAGES)
+.PHONY: setup test demo report check plan docs $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -53,3 +53,7 @@ plan: setup
 
 report: setup
 	$(PY) -m rlhf.cli report $(or $(RUNS),runs/tiny) --out $(or $(OUT),runs/tiny/report)
+
+# docs/recipes.md: every recipe key of every stage (a test fails when it is out of date)
+docs: setup
+	$(PY) -m rlhf.cli reference > docs/recipes.md

@@ -19,7 +19,8 @@ from rlhf.data import (IGNORE_INDEX, collate_pairs, encode_preferences, encode_p
                        load_gold_prompts, load_split, read_corpus)
 from rlhf.errors import UserError
 from rlhf.models import last_token_index, load_tokenizer, model_dir
-from rlhf.recipes import SFTData, load_recipe
+from rlhf.recipes import load_recipe
+from rlhf.sections import SFTData
 
 
 class Style:

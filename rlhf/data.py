@@ -23,7 +23,7 @@ from data_formats.schemas import parse_prompt
 from data_formats.tasks import has_gold
 from data_formats.templates import load_template
 from rlhf.errors import DataError, UserError
-from rlhf.recipes import PromptData
+from rlhf.sections import PromptData
 
 IGNORE_INDEX = -100  # labels with this value are not trained on (torch cross-entropy's ignore_index)
 

@@ -1,8 +1,8 @@
 """Rollout engines: sample responses for a batch of left-padded prompts.
 
-An engine is a function `(model, input_ids, attention_mask, cfg, eos_id, pad_id) -> Generation`;
-`ENGINES` maps recipe names to them, so a faster engine (vLLM, a CUDA-graph decoder) can be added
-without touching the stages. Every engine returns responses truncated after the first EOS and
+An engine is a function `(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys=, synced=) ->
+Generation`; `ENGINES` maps the names a recipe's `generate.engine` takes to them, so a faster engine
+(vLLM, a CUDA-graph decoder) can be added without touching the stages. Every engine returns responses truncated after the first EOS and
 right-padded with the pad token, with a mask that is 1 on real response tokens (EOS included).
 
 `synced=True` says that every process calls the engine together (PPO's rollouts and gold evaluation):
@@ -13,6 +13,7 @@ same number of forwards, and a process whose rows have all ended keeps decoding 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -55,14 +56,15 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tup
     return responses.masked_fill(~mask, pad_id), mask.long(), ended
 
 
-def hf_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int,
-                static_cache: bool = False, synced: bool = False) -> Generation:
-    """transformers' `generate` (KV cache; a static, compilable cache on GPU when asked)."""
+def hf_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, keys: torch.Tensor | None = None,
+                synced: bool = False, static_cache: bool = False) -> Generation:
+    """transformers' `generate` (KV cache; a static, compilable cache on GPU when asked). Its sampling
+    draws from torch's global generator: samples depend on batching and process count (`keys` unused)."""
     sample = cfg.temperature > 0
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=eos_id, pad_token_id=pad_id,
                   suppress_tokens=[pad_id], use_cache=True, synced_gpus=synced and processes() > 1)
-    if sample:
-        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+    if sample:  # top_k 0 / top_p 1 switch filtering off, also over a generation_config that sets them
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     if static_cache:
         kwargs["cache_implementation"] = "static"
     with torch.no_grad():
@@ -170,24 +172,24 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
     return bool(finished)
 
 
-ENGINES = {"seeded": seeded_generate, "hf": hf_generate,
-           "hf_static": lambda *a, **k: hf_generate(*a, **k, static_cache=True)}
+# recipe name -> engine (`generate.engine`); every engine takes (model, input_ids, attention_mask, cfg,
+# eos_id, pad_id, keys=, synced=) and returns a Generation
+ENGINES = {"seeded": seeded_generate, "hf": hf_generate, "hf_static": partial(hf_generate, static_cache=True)}
 
 
-def generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, engine: str = "seeded",
+def generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, engine: str | None = None,
              keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
-    """Sample (or greedily decode, temperature 0) responses with the named engine."""
+    """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`)."""
     was_training = model.training
     model.eval()
     try:
-        if engine == "seeded":
-            return seeded_generate(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys, synced)
-        return ENGINES[engine](model, input_ids, attention_mask, cfg, eos_id, pad_id, synced=synced)
+        run = ENGINES[engine or getattr(cfg, "engine", "seeded")]
+        return run(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys=keys, synced=synced)
     finally:
         model.train(was_training)
 
 
-def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine: str = "seeded",
+def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine: str | None = None,
              seed: int = 0, step: int = 0, first: int = 0, batches: int = 0,
              synced: bool = False) -> list[dict]:
     """Decode completions for prompts (in batches of cfg.batch_size): [{'completion', 'ended', 'tokens'}].
@@ -247,7 +249,7 @@ def concat(gens: list[Generation], pad_id: int) -> Generation:
 
 
 def sample(model, examples: list[dict], cfg, eos_id: int, pad_id: int, device, keys: torch.Tensor | None = None,
-           engine: str = "seeded", synced: bool = False) -> Generation:
+           engine: str | None = None, synced: bool = False) -> Generation:
     """Rollouts for prompt examples ({'prompt_ids'}), generated `cfg.batch_size` prompts at a time.
     `keys` (one per example, see `row_keys`) make each row's sample independent of the batching."""
     from rlhf.data import collate_prompts

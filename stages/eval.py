@@ -20,7 +20,8 @@ from rlhf.card import markdown_table
 from rlhf.data import collate_prompts, encode_prompts, load_split, to_device
 from rlhf.forward import response_logprobs
 from rlhf.models import load_model, load_tokenizer
-from rlhf.recipes import EvalRecipe, SFTData, GenerateSection
+from rlhf.recipes import EvalRecipe
+from rlhf.sections import GenerateSection, SFTData
 from rlhf.rollout import decode_responses, generate, row_keys
 from rlhf.runtime import partial_state, seed_everything
 from rlhf.scoring import load_scorer

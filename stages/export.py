@@ -24,7 +24,9 @@ from rlhf.data import encode_prompts, load_split
 from rlhf.errors import UserError
 from rlhf.models import DTYPES, hf_model, load_model, load_tokenizer, model_dir, model_info
 from rlhf.runtime import partial_state
-from rlhf.recipes import ExportRecipe, SFTData
+from rlhf.saving import verify_model_dir
+from rlhf.recipes import ExportRecipe
+from rlhf.sections import SFTData
 from rlhf.scoring import STATS_FILE
 
 # max |logit difference| allowed, relative to max(1, max |logit|): merge in float32, then the cast
@@ -129,6 +131,7 @@ def run(recipe: ExportRecipe) -> Path:
         eval_results = _eval_results_for(recipe.source)
         (out / "README.md").write_text(model_card(chain, {**vars(x), "hub_repo_id": x.hub_repo_id}, parity,
                                                   eval_results))
+        verify_model_dir(out, {"kind": "full"})  # shards present, non-empty, finite; config and tokenizer load
     final = folder.finish({"parity/cast_max_abs_logit_diff": cast_check["max_abs_logit_diff"]},
                           extra={"parity": parity, "model_info": {"kind": "full", "task": info.get("task")},
                                  "lineage": [{k: e.get(k) for k in ("stage", "path", "recipe_sha256")} for e in chain]})

@@ -143,7 +143,7 @@ def test_bad_input_of_other_stages_is_one_line_and_exit_2(chain, tmp_path, capsy
 
 
 def test_existing_tokenizer_goes_through_the_loader(chain, tmp_path):
-    from rlhf.recipes import TokenizerSection
+    from rlhf.sections import TokenizerSection
     from stages.pretrain import train_tokenizer
 
     tok = train_tokenizer([], TokenizerSection(existing=str(chain["pretrain"])), 64)

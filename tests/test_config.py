@@ -238,3 +238,10 @@ def test_cli_help_lists_stages(capsys):
     assert "ppo.kl_estimator" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_the_recipe_reference_in_docs_is_current():
+    """docs/recipes.md is generated from the recipe classes; regenerate it with `make docs` after a change."""
+    from rlhf.cli import reference
+
+    assert (ROOT / "docs" / "recipes.md").read_text() == reference() + "\n", "run `make docs`"

@@ -13,7 +13,7 @@ from data_formats.templates import load_template
 from rlhf.data import (IGNORE_INDEX, collate_pairs, collate_sft, encode_preferences, encode_sft, load_split,
                        plan_batches, read_corpus)
 from rlhf.errors import DataError, UserError
-from rlhf.recipes import PreferenceData, PromptData, SFTData, TaskSuiteSection
+from rlhf.sections import PreferenceData, PromptData, SFTData, TaskSuiteSection
 from tests.conftest import write_jsonl
 
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlhf.cli import main
 from rlhf.errors import UserError
 from rlhf.plan import GiB, OVERHEAD, activation_bytes, lora_params, model_shape, parse_bytes, plan, role_bytes
-from rlhf.recipes import LoraSection, load_recipe
+from rlhf.recipes import load_recipe
+from rlhf.sections import LoraSection
 from tests.conftest import write_yaml
 
 

@@ -24,7 +24,8 @@ from rlhf.forward import response_logprobs
 from rlhf.models import ScalarHead, apply_lora, hf_model, load_tokenizer
 from rlhf.monitor import OverOptimisationMonitor
 from rlhf.ppo import critic_values, disable_dropout, filtered_sampling_warning, load_roles
-from rlhf.recipes import GenerateSection, LoraSection, load_recipe
+from rlhf.recipes import load_recipe
+from rlhf.sections import GenerateSection, LoraSection, PromptData
 from rlhf.rollout import Generation, decode_responses
 from tests.chain import cli_args, recipe, run_stage
 
@@ -153,7 +154,7 @@ def test_target_kl_stops_the_epochs_early(chain, tmp_path):
     assert m["policy/epochs"] < 4
 
 
-@pytest.mark.parametrize("extra", [["lora=null"], ["ppo.critic_init=actor"]])
+@pytest.mark.parametrize("extra", [["lora=null"], ["ppo.critic_init=actor"], ["generate.engine=hf"]])
 def test_full_fine_tuning_and_an_actor_critic_run(chain, tmp_path, extra):
     run = run_stage("ppo", chain["root"], "train.max_steps=2", "ppo.gold_every=0", *extra, f"output_dir={tmp_path}/run")
     ms = [m for m in metrics(run) if "objective/kl" in m]
@@ -198,6 +199,32 @@ def test_qlora_is_not_silently_ignored(chain, tmp_path, capsys):
 
 
 # --- the reward model's view of decoded responses -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["hf", "hf_static"])
+def test_engines_agree_on_greedy_rollouts(chain, engine):
+    """Greedy decoding has no randomness: transformers' generate and our seeded decoder must return the
+    same left-padded sequences, response masks (up to the first EOS) and ended flags."""
+    from rlhf.data import collate_prompts, encode_prompts, load_split
+    from rlhf.models import load_model
+    from rlhf.rollout import generate
+    from data_formats.schemas import parse_prompt
+
+    tok = load_tokenizer(str(chain["sft"]))
+    model = load_model(str(chain["sft"])).eval()
+    records = load_split(PromptData(train=str(chain["tasks"] / "prompts.jsonl"), template="plain"), parse_prompt,
+                         0).train[:6]
+    batch = collate_prompts(encode_prompts(records, tok, 64)[0], tok.pad_token_id)
+    assert batch["attention_mask"].min() == 0  # prompts of different lengths: left padding is exercised
+    cfg = GenerateSection(max_new_tokens=12, temperature=0.0, engine=engine)
+    ours = generate(model, batch["input_ids"], batch["attention_mask"], cfg, tok.eos_token_id, tok.pad_token_id,
+                    engine="seeded")
+    theirs = generate(model, batch["input_ids"], batch["attention_mask"], cfg, tok.eos_token_id, tok.pad_token_id)
+    width = min(ours.responses.shape[1], theirs.responses.shape[1])
+    assert torch.equal(ours.responses[:, :width], theirs.responses[:, :width])
+    assert torch.equal(ours.response_mask[:, :width], theirs.response_mask[:, :width])
+    assert ours.response_mask[:, width:].sum() == 0 and theirs.response_mask[:, width:].sum() == 0
+    assert torch.equal(ours.ended, theirs.ended)
 
 
 def test_decoded_responses_hold_only_real_tokens():
@@ -293,7 +320,7 @@ def gold_setup(root: Path):
     from data_formats.schemas import parse_prompt
     from rlhf.data import encode_prompts, load_split
     from rlhf.models import load_model
-    from rlhf.recipes import PromptData
+    from rlhf.sections import PromptData
     from rlhf.scoring import load_scorer
 
     r = recipe("ppo", root)

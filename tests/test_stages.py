@@ -15,7 +15,7 @@ from rlhf.data import collate_sft, encode_sft, load_split
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
 from rlhf.models import load_model, load_tokenizer
-from rlhf.recipes import SFTData
+from rlhf.sections import SFTData
 from rlhf.scoring import load_scorer
 from data_formats.schemas import parse_alpaca
 from tests.chain import run_stage

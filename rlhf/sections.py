@@ -1,0 +1,279 @@
+"""Recipe sections: one dataclass per section of a recipe file, each field with a one-line help.
+
+The stage recipes that combine them, and the loading (YAML, overrides, derived values), are in
+`rlhf.recipes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from data_formats.tasks import FAMILIES, alphabet_problem
+from rlhf.config import opt, req
+from rlhf.errors import RecipeError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared sections
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    name_or_path: str = req("starting checkpoint: a run folder of an earlier stage, a local HF folder or a hub id")
+    revision: Optional[str] = opt(None, "hub revision (branch, tag or commit) when name_or_path is a hub id")
+    dtype: Dtype = opt("float32", "dtype the weights are loaded in (trainable LoRA weights always stay float32)")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run; off unless you trust the repo")
+    pad_token: Optional[str] = opt(None, "pad token to add when the tokenizer has none or pads with EOS")
+    attn_implementation: Optional[str] = opt(None, "'sdpa', 'eager' or 'flash_attention_2'; null = default")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+
+
+@dataclass(kw_only=True)
+class LoraSection:
+    r: int = opt(8, "LoRA rank", gt=0)
+    alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r)", gt=0)
+    dropout: float = opt(0.05, "dropout on the LoRA input (PPO turns dropout off in every role)", ge=0, lt=1)
+    target_modules: Union[str, list[str]] = opt("all-linear", "module names to adapt, or 'all-linear'")
+    modules_to_save: list[str] = opt([], "extra modules trained in full and saved with the adapter")
+    quantization: Literal["none", "4bit"] = opt("none", "'4bit' = QLoRA: frozen base in NF4 via bitsandbytes (GPU)")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    epochs: float = opt(1.0, "passes over the training data (PPO: over the prompts)", gt=0)
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (PPO: iterations)", gt=0)
+    batch_size: int = opt(32, "examples per optimizer step over all processes (PPO: per minibatch)", gt=0)
+    micro_batch_size: int = opt(8, "examples per forward/backward on one device", gt=0)
+    lr: float = opt(2e-4, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay", ge=0)
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "LR schedule after warmup")
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up linearly", ge=0, lt=1)
+    max_grad_norm: Optional[float] = opt(1.0, "clip the global gradient norm (null = no clipping)", gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "autocast; auto = bf16 on a GPU that has it")
+    eval_every: int = opt(0, "evaluate on the held-out split every N steps (0 = at the end only)", ge=0)
+    log_every: int = opt(1, "write metrics every N steps", gt=0)
+    save_every: int = opt(0, "write a resumable checkpoint every N steps (0 = never)", ge=0)
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", gt=0)
+    on_nonfinite: Literal["skip", "stop"] = opt("skip", "non-finite loss/gradient: skip the step or stop the run")
+    max_nonfinite: int = opt(20, "stop once this many steps have been skipped as non-finite", ge=0)
+
+    def validate(self) -> None:
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise RecipeError(f"expected two numbers in [0, 1), got {self.adam_betas}", key="adam_betas")
+
+
+@dataclass(kw_only=True)
+class GenerateSection:
+    max_new_tokens: int = opt(64, "tokens generated per response at most", gt=0)
+    temperature: float = opt(1.0, "sampling temperature (0 = greedy); logprobs use the same temperature", ge=0)
+    top_k: int = opt(0, "keep the k most likely tokens (0 = off)", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", gt=0, le=1)
+    batch_size: int = opt(32, "prompts per generate call", gt=0)
+    engine: Literal["seeded", "hf", "hf_static"] = opt(
+        "seeded", "rollout engine: seeded = our KV-cached decoder, samples independent of batching and process count; "
+                  "hf = transformers generate; hf_static = generate with a static (compilable) KV cache")
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    train: str = req("training data: a .json/.jsonl/.parquet file, a folder of them, or a hub dataset id")
+    eval: Optional[str] = opt(None, "held-out data in the same forms; null = split eval_fraction off train")
+    eval_fraction: float = opt(0.0, "fraction of train held out when `eval` is null", ge=0, lt=1)
+    split: str = opt("train", "split of `train` for hub datasets")
+    eval_split: Optional[str] = opt(None, "split of `eval` for hub datasets (null = `split`)")
+    template: str = opt("alpaca", "prompt template: a name in data_formats/templates or a .json file")
+    skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
+    max_records: Optional[int] = opt(None, "use only the first N training records", gt=0)
+
+
+@dataclass(kw_only=True)
+class SFTData(DataSection):
+    max_len: int = opt(512, "tokens per prompt+response; the response tail is cut to fit, and an example whose "
+                            "(cut) prompt alone fills it is dropped (counted as dropped_too_long)", gt=1)
+    max_prompt_len: Optional[int] = opt(None, "cut longer prompts from the left (keeping BOS and the end, next to the "
+                                              "response) before max_len applies; null = never cut prompts", gt=0)
+    train_on_prompt: bool = opt(False, "compute the loss on prompt tokens too")
+    packing: bool = opt(False, "pack several examples per row without cross-attention (padding-free)")
+
+    def validate(self) -> None:
+        _check_prompt_room(self.max_prompt_len, self.max_len)
+
+
+@dataclass(kw_only=True)
+class PreferenceData(DataSection):
+    format: Literal["auto", "pairwise", "hh"] = opt("auto", "'hh' = Anthropic HH-RLHF transcripts; auto detects")
+    max_len: int = opt(512, "tokens per prompt+response; responses are cut at the end to fit (a pair left with "
+                            "no response, or chosen == rejected, is dropped and counted)", gt=1)
+    max_prompt_len: int = opt(256, "cut longer prompts from the left (keeping BOS and the end) to this many tokens; "
+                                   "must be less than max_len", gt=0)
+
+    def validate(self) -> None:
+        _check_prompt_room(self.max_prompt_len, self.max_len)
+
+
+def _check_prompt_room(max_prompt_len: int | None, max_len: int) -> None:
+    # a prompt of max_prompt_len tokens must leave room for at least one response token (EOS)
+    if max_prompt_len is not None and max_prompt_len >= max_len:
+        raise RecipeError(f"must be less than max_len ({max_len}) so that a response fits after the prompt, "
+                          f"got {max_prompt_len}", key="max_prompt_len")
+
+
+@dataclass(kw_only=True)
+class PromptData(DataSection):
+    max_prompt_len: int = opt(256, "prompt tokens kept (left-truncated)", gt=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage-specific sections
+
+
+@dataclass(kw_only=True)
+class ArchSection:
+    hidden_size: int = opt(256, "model width", gt=0)
+    intermediate_size: int = opt(688, "MLP width", gt=0)
+    num_layers: int = opt(4, "transformer blocks", gt=0)
+    num_heads: int = opt(4, "attention heads", gt=0)
+    num_kv_heads: Optional[int] = opt(None, "key/value heads (grouped-query attention); null = num_heads", gt=0)
+    max_position_embeddings: int = opt(512, "longest sequence the model handles", gt=0)
+    rope_theta: float = opt(10000.0, "RoPE base", gt=0)
+    tie_word_embeddings: bool = opt(True, "share input and output embeddings")
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise RecipeError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+                              key="num_heads")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise RecipeError("num_heads must be a multiple of num_kv_heads", key="num_kv_heads")
+
+
+@dataclass(kw_only=True)
+class TokenizerSection:
+    vocab_size: int = opt(2048, "byte-level BPE vocabulary size (special tokens included)", ge=300)
+    min_frequency: int = opt(2, "merges need at least this many occurrences", gt=0)
+    existing: Optional[str] = opt(None, "use this tokenizer (run folder, model folder or hub id) instead of "
+                                        "training one")
+    pad_token: Optional[str] = opt(None, "pad token to add when the existing tokenizer has none or pads with EOS")
+
+
+@dataclass(kw_only=True)
+class CorpusData:
+    train: list[str] = req("text corpus: .txt files (one document per blank-line block) or .jsonl with 'text'")
+    eval_fraction: float = opt(0.02, "fraction of documents held out for perplexity", ge=0, lt=1)
+    max_len: int = opt(256, "tokens per training row (documents are concatenated and cut)", gt=1)
+
+
+@dataclass(kw_only=True)
+class RMSection:
+    center_coef: float = opt(0.0, "reward centering: + coef * mean((r_c + r_r)^2)", ge=0)
+    norm_split: Literal["eval", "train"] = opt("eval", "completions whose scores fit the stored mean/std")
+
+
+@dataclass(kw_only=True)
+class PPOSection:
+    reward_model: str = req("an `rm` run folder (or HF sequence-classification model) scoring prompt+response")
+    rollout_batch_size: int = opt(64, "prompts sampled per iteration over all processes", gt=0)
+    ppo_epochs: int = opt(4, "passes (K) over each rollout batch", gt=0)
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    gae_lambda: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    clip_range: float = opt(0.2, "policy ratio clip epsilon", gt=0)
+    clip_range_value: float = opt(0.2, "value clip epsilon around the rollout values", gt=0)
+    vf_coef: float = opt(0.1, "value loss weight in the total loss", ge=0)
+    entropy_coef: float = opt(0.0, "entropy bonus weight", ge=0)
+    kl_coef: float = opt(0.05, "initial per-token KL penalty weight", ge=0)
+    kl_estimator: Literal["k1", "k3"] = opt("k1", "per-token KL estimator in the reward")
+    kl_control: Literal["fixed", "adaptive"] = opt("fixed", "keep kl_coef fixed or adapt it towards kl_target")
+    kl_target: float = opt(6.0, "adaptive control: target KL per response (nats)", gt=0)
+    kl_horizon: int = opt(10000, "adaptive control: horizon in episodes", gt=0)
+    target_kl: Optional[float] = opt(None, "stop the K epochs early when approx KL exceeds this", gt=0)
+    whiten_advantages: bool = opt(True, "whiten advantages over the (global) batch")
+    normalize_reward: bool = opt(True, "use the rm stage's stored mean/std to normalise scores")
+    reward_clip: Optional[float] = opt(10.0, "clip (normalised) scores to +-this", gt=0)
+    missing_eos_penalty: Optional[float] = opt(1.0, "subtracted from the score of responses without EOS", ge=0)
+    critic_init: Literal["reward", "actor"] = opt("reward", "critic backbone: the reward model or the SFT model")
+    critic_lr: Optional[float] = opt(None, "critic learning rate (null = train.lr)", gt=0)
+    max_log_ratio: float = opt(20.0, "clamp |logp - old_logp| before exp (counted in policy/ratio_clamped)", gt=0)
+    gold_prompts: Optional[str] = opt(None, "prompts with gold answers (task suite) for the over-optimisation monitor")
+    gold_every: int = opt(0, "evaluate gold accuracy every N iterations (0 = off)", ge=0)
+    gold_count: int = opt(64, "gold prompts per evaluation", gt=0)
+
+
+@dataclass(kw_only=True)
+class DPOSection:
+    beta: float = opt(0.1, "KL strength beta", gt=0)
+    loss_type: Literal["sigmoid", "ipo"] = opt("sigmoid", "sigmoid = DPO; ipo = IPO on length-normalised logps")
+    label_smoothing: float = opt(0.0, "conservative DPO: assumed label-flip probability", ge=0, lt=0.5)
+    sft_coef: float = opt(0.0, "weight of an SFT (NLL per token) term on chosen responses", ge=0)
+    precompute_ref: bool = opt(False, "compute reference logps once before training (one model in memory)")
+    reference: Optional[str] = opt(None, "reference model; null = the policy's starting model")
+
+    def validate(self) -> None:
+        # IPO regresses the margin onto 1/(2 beta) (Azar et al. 2023): there is no label to flip
+        if self.loss_type == "ipo" and self.label_smoothing > 0:
+            raise RecipeError("applies to loss_type 'sigmoid' only (conservative DPO); set it to 0 for 'ipo'",
+                              key="label_smoothing")
+
+
+@dataclass(kw_only=True)
+class EvalSection:
+    models: dict[str, str] = req("name -> run folder / HF folder / hub id of each policy to evaluate")
+    prompts: str = req("held-out prompts (prompt-only or Alpaca records; 'answer'+'task' enable gold scoring)")
+    template: str = opt("alpaca", "prompt template for Alpaca-style records")
+    reward_model: Optional[str] = opt(None, "rm run folder: report the mean reward-model score")
+    reference: Optional[str] = opt(None, "model the KL is measured against (usually the SFT run)")
+    max_prompts: int = opt(256, "prompts evaluated at most", gt=0)
+    max_prompt_len: int = opt(256, "prompt tokens kept", gt=0)
+    samples_shown: int = opt(4, "sample completions per model in the report", ge=0)
+    greedy: bool = opt(True, "also report greedy-decoding gold accuracy")
+    pad_token: Optional[str] = opt(None, "pad token to add to a model whose tokenizer has none or pads with EOS")
+    dtype: Dtype = opt("float32", "dtype models are loaded in")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+
+
+@dataclass(kw_only=True)
+class ExportSection:
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("bfloat16", "dtype of the exported weights")
+    max_shard_size: str = opt("5GB", "largest safetensors shard")
+    parity_prompts: Optional[str] = opt(None, "prompts for the parity check (null = built-in ones)")
+    parity_count: int = opt(4, "prompts in the parity check", gt=0)
+    parity_new_tokens: int = opt(16, "greedy tokens compared in the parity check", gt=0)
+    push_to_hub: bool = opt(False, "upload the exported folder with huggingface_hub")
+    hub_repo_id: Optional[str] = opt(None, "target repo, e.g. user/model-name")
+    private: bool = opt(True, "create the hub repo as private")
+    revision: Optional[str] = opt(None, "hub branch to push to (null = main)")
+    commit_message: str = opt("Upload model exported by rlhf", "hub commit message")
+    intended_use: str = opt("Research on RLHF post-training; not evaluated for safety or deployment.",
+                            "model card: intended use")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+
+    def validate(self) -> None:
+        if self.push_to_hub and not self.hub_repo_id:
+            raise RecipeError("push_to_hub is true but no hub_repo_id is set", key="hub_repo_id")
+
+
+@dataclass(kw_only=True)
+class TaskSuiteSection:
+    families: list[str] = opt(["reverse", "sort", "upper", "max"], "task families to generate")
+    min_items: int = opt(3, "shortest list in a task", gt=0)
+    max_items: int = opt(5, "longest list in a task", gt=0)
+    alphabet: str = opt("abcdefghij", "letters used in lists: at least 2 distinct lowercase ASCII letters")
+    sft_records: int = opt(2000, "Alpaca SFT training records", gt=0)
+    sft_noise: float = opt(0.3, "fraction of SFT answers replaced by a plausible wrong one", ge=0, lt=1)
+    preference_records: int = opt(2000, "pairwise preference records (chosen correct, rejected wrong)", gt=0)
+    prompt_records: int = opt(1000, "prompt-only records for PPO rollouts", gt=0)
+    eval_records: int = opt(200, "held-out records for each eval split", gt=0)
+    corpus_documents: int = opt(20000, "pretraining corpus documents", gt=0)
+
+    def validate(self) -> None:
+        if self.max_items < self.min_items:
+            raise RecipeError("max_items must be at least min_items", key="max_items")
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise RecipeError(f"expected names from {', '.join(FAMILIES)}, got {self.families}", key="families")
+        problem = alphabet_problem(self.alphabet)
+        if problem:
+            raise RecipeError(problem, key="alphabet")
