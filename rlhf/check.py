@@ -16,11 +16,10 @@ from data_formats.schemas import parse_alpaca, parse_preference, parse_prompt
 from data_formats.tasks import has_gold
 from rlhf.artifacts import expect_run
 from rlhf.data import (IGNORE_INDEX, collate_pairs, encode_preferences, encode_prompts, encode_sft, length_stats,
-                       load_gold_prompts, load_split, read_corpus)
+                       load_gold_prompts, load_split, read_corpus, read_prompts)
 from rlhf.errors import UserError
 from rlhf.models import last_token_index, load_tokenizer, model_dir
 from rlhf.recipes import load_recipe
-from rlhf.sections import SFTData
 
 
 class Style:
@@ -156,11 +155,10 @@ def check_eval(recipe) -> None:
             model_dir(spec, key)
     if e.reward_model:
         expect_run(e.reward_model, {"rm"}, "eval.reward_model")
-    data = SFTData(train=e.prompts, template=e.template, max_records=e.max_prompts)
-    split = load_split(data, parse_prompt, recipe.seed, {"train": "eval.prompts", "template": "eval.template"})
-    gold = sum(1 for r in split.train if has_gold(r.meta))
-    print(f"eval prompts: {len(split.train)} ({gold} with gold answers), models: {', '.join(e.models)}")
-    _show([r.prompt for r in split.train])
+    records = read_prompts(e.prompts, "eval.prompts", recipe.seed, e.template, "eval.template", e.max_prompts)
+    gold = sum(1 for r in records if has_gold(r.meta))
+    print(f"eval prompts: {len(records)} ({gold} with gold answers), models: {', '.join(e.models)}")
+    _show([r.prompt for r in records])
 
 
 def check_export(recipe) -> None:
@@ -171,8 +169,7 @@ def check_export(recipe) -> None:
     if not x.parity_prompts:
         print("parity prompts: built-in")
         return
-    records = load_split(SFTData(train=x.parity_prompts), parse_prompt, recipe.seed,
-                         {"train": "export.parity_prompts"}).train
+    records = read_prompts(x.parity_prompts, "export.parity_prompts", recipe.seed)
     print(f"parity prompts: {len(records)} (the first {min(x.parity_count, len(records))} are used)")
     _show([r.prompt for r in records])
 

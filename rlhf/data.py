@@ -137,13 +137,20 @@ def read_corpus(paths: list[str], key: str = "data.train") -> list[str]:
     return docs
 
 
+def read_prompts(path: str, key: str, seed: int, template: str = "alpaca", template_key: str = "data.template",
+                 max_records: int | None = None) -> list:
+    """Prompt records of a file that is not a recipe's `data` section (eval prompts, export parity prompts,
+    gold prompts); errors name `key` (and `template_key`)."""
+    section = PromptData(train=path, template=template, max_records=max_records)
+    return load_split(section, parse_prompt, seed, {"train": key, "template": template_key}).train
+
+
 def load_gold_prompts(path: str, template: str, tokenizer, max_prompt_len: int, count: int, seed: int,
                       key: str = "ppo.gold_prompts") -> list[dict]:
     """The first `count` prompts of `path` that carry a gold answer (the task suite's 'task' + 'answer'),
     encoded like rollout prompts; a file with none is an error (the monitor would measure nothing)."""
-    section = PromptData(train=path, template=template)
-    split = load_split(section, parse_prompt, seed, {"train": key})
-    prompts = [p for p in encode_prompts(split.train, tokenizer, max_prompt_len)[0] if has_gold(p["meta"])]
+    records = read_prompts(path, key, seed, template)
+    prompts = [p for p in encode_prompts(records, tokenizer, max_prompt_len)[0] if has_gold(p["meta"])]
     if not prompts:
         raise UserError("no record has a gold answer ('task' and 'answer' of the task suite)", path, key)
     return prompts[:count]

@@ -1,7 +1,7 @@
 """Gold-scored evaluation and the over-optimisation monitor.
 
 The reward model is a proxy. When held-out prompts carry a program-checkable answer (the task suite's
-`task` + `answer`), `gold_eval` measures what the proxy stands for; the monitor warns when the proxy
+`task` + `answer`), `gold_sums`/`gold_metrics` measure what the proxy stands for; the monitor warns when the proxy
 score rises while gold accuracy falls (reward hacking, Gao et al. 2022) or the KL leaves its budget.
 """
 
@@ -13,8 +13,9 @@ from rlhf.rollout import complete
 
 def gold_sums(model, tokenizer, prompts: list[dict], cfg, device, scorer=None, seed: int = 0, first: int = 0,
               batches: int = 0, synced: bool = False) -> dict[str, float]:
-    """Counts behind `gold_eval` for `prompts`, which may be one process's shard of the gold prompts:
+    """Gold-scoring counts for `prompts` ({'prompt_ids', 'meta', 'prompt'}), which may be one process's shard:
     {'correct', 'graded', 'ended', 'rows'(, 'proxy' summed)}. Add them over processes, then `gold_metrics`.
+    Every call draws the same per-prompt noise (seeded decoder): changes are the policy's, not the dice's.
     `first`, `batches`, `synced`: see `rlhf.rollout.complete`."""
     rows = complete(model, tokenizer, [p["prompt_ids"] for p in prompts], cfg, device, seed=seed, first=first,
                     batches=batches, synced=synced)
@@ -34,12 +35,6 @@ def gold_metrics(sums: dict[str, float]) -> dict[str, float]:
     if "proxy" in sums:
         out["gold/proxy_score"] = sums["proxy"] / max(sums["rows"], 1.0)
     return out
-
-
-def gold_eval(model, tokenizer, prompts: list[dict], cfg, device, scorer=None, seed: int = 0) -> dict:
-    """Gold accuracy (and mean proxy score) of completions for `prompts` ({'prompt_ids', 'meta', 'prompt'}).
-    The same per-prompt noise at every call (seeded decoder): changes are the policy's, not the dice's."""
-    return gold_metrics(gold_sums(model, tokenizer, prompts, cfg, device, scorer, seed))
 
 
 class OverOptimisationMonitor:

@@ -2,8 +2,9 @@
 
 An engine is a function `(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys=, synced=) ->
 Generation`; `ENGINES` maps the names a recipe's `generate.engine` takes to them, so a faster engine
-(vLLM, a CUDA-graph decoder) can be added without touching the stages. Every engine returns responses truncated after the first EOS and
-right-padded with the pad token, with a mask that is 1 on real response tokens (EOS included).
+(vLLM, a CUDA-graph decoder) can be added without touching the stages. Every engine returns responses
+truncated after the first EOS and right-padded with the pad token, with a mask that is 1 on real
+response tokens (EOS included).
 
 `synced=True` says that every process calls the engine together (PPO's rollouts and gold evaluation):
 with sharded weights (FSDP) each forward gathers them from every process, so all processes must run the

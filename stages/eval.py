@@ -13,15 +13,14 @@ from pathlib import Path
 
 import torch
 
-from data_formats.schemas import parse_prompt
 from data_formats.tasks import grade, has_gold
 from rlhf.artifacts import RunFolder, write_json_atomic
 from rlhf.card import markdown_table
-from rlhf.data import collate_prompts, encode_prompts, load_split, to_device
+from rlhf.data import collate_prompts, encode_prompts, read_prompts, to_device
 from rlhf.forward import response_logprobs
 from rlhf.models import load_model, load_tokenizer
 from rlhf.recipes import EvalRecipe
-from rlhf.sections import GenerateSection, SFTData
+from rlhf.sections import GenerateSection
 from rlhf.rollout import decode_responses, generate, row_keys
 from rlhf.runtime import partial_state, seed_everything
 from rlhf.scoring import load_scorer
@@ -97,9 +96,8 @@ def run(recipe: EvalRecipe) -> Path:
             key = f"eval.models.{name}"
             tokenizer = load_tokenizer(spec, key, pad_token=e.pad_token, trust_remote_code=e.trust_remote_code,
                                        pad_key="eval.pad_token")
-            data = SFTData(train=e.prompts, template=e.template, max_records=e.max_prompts)
-            records = load_split(data, parse_prompt, recipe.seed,
-                                 keys={"train": "eval.prompts", "template": "eval.template"}).train
+            records = read_prompts(e.prompts, "eval.prompts", recipe.seed, e.template, "eval.template",
+                                   e.max_prompts)
             prompts, _ = encode_prompts(records, tokenizer, e.max_prompt_len)
             model = load_model(spec, key, vocab=len(tokenizer), **load).to(device).eval()
             same_vocab = reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0]

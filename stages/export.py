@@ -16,17 +16,15 @@ from pathlib import Path
 
 import torch
 
-from data_formats.schemas import parse_prompt
 from data_formats.templates import load_template
 from rlhf.artifacts import RunFolder, expect_run, read_manifest, write_json_atomic
 from rlhf.card import inference_template, lineage, model_card
-from rlhf.data import encode_prompts, load_split
+from rlhf.data import encode_prompts, read_prompts
 from rlhf.errors import UserError
 from rlhf.models import DTYPES, hf_model, load_model, load_tokenizer, model_dir, model_info
 from rlhf.runtime import partial_state
 from rlhf.saving import verify_model_dir
 from rlhf.recipes import ExportRecipe
-from rlhf.sections import SFTData
 from rlhf.scoring import STATS_FILE
 
 # max |logit difference| allowed, relative to max(1, max |logit|): merge in float32, then the cast
@@ -76,8 +74,7 @@ def run(recipe: ExportRecipe) -> Path:
 
     # --- parity prompts --------------------------------------------------------------------------------
     if x.parity_prompts:
-        records = load_split(SFTData(train=x.parity_prompts), parse_prompt, recipe.seed,
-                             keys={"train": "export.parity_prompts"}).train
+        records = read_prompts(x.parity_prompts, "export.parity_prompts", recipe.seed)
         prompts = [p["prompt_ids"] for p in encode_prompts(records, tokenizer, 256)[0]]
     else:
         template = load_template("alpaca")

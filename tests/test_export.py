@@ -113,7 +113,8 @@ def test_push_private_false_reaches_the_api(sft_export_args, tmp_path, monkeypat
     FakeHub.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: SECRET)
-    args = sft_export_args(tmp_path, "export.push_to_hub=true", "export.hub_repo_id=someone/public", "export.private=false")
+    args = sft_export_args(tmp_path, "export.push_to_hub=true", "export.hub_repo_id=someone/public",
+                           "export.private=false")
     assert main(args) == 0
     assert FakeHub.calls[0] == ("create_repo", "someone/public", False)
     assert [c[0] for c in FakeHub.calls] == ["create_repo", "upload_folder"]  # no revision: no branch made
