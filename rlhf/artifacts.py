@@ -31,6 +31,7 @@ from typing import Any
 
 from rlhf.config import dump_yaml, recipe_hash, to_dict
 from rlhf.errors import UserError
+from rlhf.recipes import PARENT_STAGES
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -140,6 +141,19 @@ def expect_run(path: str, stages: set[str], key: str) -> dict | None:
     return manifest
 
 
+def check_parents(recipe) -> None:
+    """Every run folder the recipe names is a run of a stage that may feed this one
+    (`rlhf.recipes.PARENT_STAGES`); a mapping value (`eval.models`) is checked entry by entry."""
+    for key, stages in PARENT_STAGES.get(recipe.stage, {}).items():
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        named = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, spec in named:
+            if spec:
+                expect_run(spec, set(stages), f"{key}.{name}" if name else key)
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 
@@ -228,7 +242,7 @@ class RunFolder:
         if (self.final / MANIFEST).is_file():
             old = read_manifest(self.final) or {}
             if recipe.resume and not recipe.overwrite:
-                if old.get("recipe_sha256") != self._hash() or old.get("stage") != self.stage:
+                if old.get("recipe_sha256") != self.recipe_hash() or old.get("stage") != self.stage:
                     raise UserError("holds a finished run made from a different recipe; use overwrite=true "
                                     "or another output_dir", str(self.final), "output_dir")
                 self.finished = True
@@ -266,7 +280,8 @@ class RunFolder:
             raise UserError(f"another run (pid {pid}) is writing {self.partial}; wait for it or choose another "
                             f"output_dir", None, "output_dir")
 
-    def _hash(self) -> str:
+    def recipe_hash(self) -> str:
+        """sha256 of the resolved recipe without `resume`/`overwrite` (what the run's results depend on)."""
         return recipe_hash({k: v for k, v in self.resolved.items() if k not in ("resume", "overwrite")})
 
     @staticmethod
@@ -291,15 +306,15 @@ class RunFolder:
         return done[-1] if done else None
 
     def check_resume_recipe(self, saved_sha: str) -> None:
-        if saved_sha != self._hash():
+        if saved_sha != self.recipe_hash():
             raise UserError(f"{self.partial} holds a checkpoint of a different recipe; pass resume=false to "
                             f"start over or change output_dir", None, "resume")
 
     # --- finishing ---------------------------------------------------------------------------
 
-    def input(self, name: str, path_or_id: str) -> None:
-        """Record an input (data file, parent run, hub id) by hash in the manifest."""
-        if self.is_main:
+    def input(self, name: str, path_or_id: str | None) -> None:
+        """Record an input (data file, parent run, hub id) by hash in the manifest; None is skipped."""
+        if self.is_main and path_or_id:
             self.inputs[name] = hash_input(path_or_id)
 
     def finish(self, metrics: dict, extra: dict | None = None, derived: dict | None = None) -> Path:
@@ -310,7 +325,7 @@ class RunFolder:
                 "stage": self.stage,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "wall_time_s": round(time.time() - self.started, 2),
-                "recipe_sha256": self._hash(),
+                "recipe_sha256": self.recipe_hash(),
                 "recipe": self.resolved,
                 "derived": derived or {},
                 "versions": package_versions(),

@@ -14,11 +14,12 @@ import sys
 
 from data_formats.schemas import parse_alpaca, parse_preference, parse_prompt
 from data_formats.tasks import has_gold
-from rlhf.artifacts import expect_run
+from rlhf.artifacts import check_parents
 from rlhf.data import (IGNORE_INDEX, collate_pairs, encode_preferences, encode_prompts, encode_sft, length_stats,
                        load_gold_prompts, load_split, read_corpus, read_prompts)
 from rlhf.errors import UserError
-from rlhf.models import last_token_index, load_tokenizer, model_dir
+from rlhf.losses import last_token_index
+from rlhf.models import load_tokenizer, model_dir, tokenizer_for
 from rlhf.recipes import load_recipe
 
 
@@ -68,10 +69,10 @@ def _show(texts: list[str], title: str = "---") -> None:
 
 
 def check_sft(recipe, tokenizer, style: Style) -> None:
-    d = recipe.data
-    split = load_split(d, parse_alpaca, recipe.seed)
-    examples, counts = encode_sft(split.train, tokenizer, d.max_len, d.train_on_prompt,
-                                  max_prompt_len=d.max_prompt_len)
+    data = recipe.data
+    split = load_split(data, parse_alpaca, recipe.seed)
+    examples, counts = encode_sft(split.train, tokenizer, data.max_len, data.train_on_prompt,
+                                  max_prompt_len=data.max_prompt_len)
     _report("sft data", {**split.counts, **counts}, [len(e["input_ids"]) for e in examples])
     no_eos = sum(1 for e in examples if e["labels"][-1] != tokenizer.eos_token_id)
     if no_eos == len(examples):
@@ -88,9 +89,9 @@ def _whole(pair: dict, eos: int) -> bool:
 
 
 def check_pairs(recipe, tokenizer, style: Style, reward_head: bool) -> None:
-    d = recipe.data
-    split = load_split(d, lambda raw, t: parse_preference(raw, t, d.format), recipe.seed)
-    pairs, counts = encode_preferences(split.train, tokenizer, d.max_len, d.max_prompt_len)
+    data = recipe.data
+    split = load_split(data, lambda raw, template: parse_preference(raw, template, data.format), recipe.seed)
+    pairs, counts = encode_preferences(split.train, tokenizer, data.max_len, data.max_prompt_len)
     _report("preference data", {**split.counts, **counts},
             [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs])
     # the stage trains on truncated pairs too, so truncation is information here, not a failure; the
@@ -124,16 +125,16 @@ def check_prompts(recipe, tokenizer) -> None:
 
 
 def check_gold(recipe, tokenizer) -> None:
-    """The over-optimisation monitor's prompts, read as the ppo stage reads them."""
-    o = recipe.ppo
-    if not o.gold_prompts:
+    """The over-optimization monitor's prompts, read as the ppo stage reads them."""
+    ppo = recipe.ppo
+    if not ppo.gold_prompts:
         return
-    if not o.gold_every:
+    if not ppo.gold_every:
         print("ppo.gold_prompts is set but ppo.gold_every is 0: the gold monitor is off")
         return
-    gold = load_gold_prompts(o.gold_prompts, recipe.data.template, tokenizer, recipe.data.max_prompt_len,
-                             o.gold_count, recipe.seed)
-    print(f"gold prompts: {len(gold)} with gold answers, graded every {o.gold_every} iterations")
+    gold = load_gold_prompts(ppo.gold_prompts, recipe.data.template, tokenizer, recipe.data.max_prompt_len,
+                             ppo.gold_count, recipe.seed)
+    print(f"gold prompts: {len(gold)} with gold answers, graded every {ppo.gold_every} iterations")
 
 
 def check_corpus(recipe) -> None:
@@ -146,31 +147,30 @@ def check_corpus(recipe) -> None:
 
 
 def check_eval(recipe) -> None:
-    e = recipe.eval
-    for name, spec in e.models.items():
-        _print_tokenizer(load_tokenizer(spec, f"eval.models.{name}", pad_token=e.pad_token,
-                                        trust_remote_code=e.trust_remote_code, pad_key="eval.pad_token"), name)
-    for key, spec in (("eval.reward_model", e.reward_model), ("eval.reference", e.reference)):
+    section = recipe.eval
+    for name, spec in section.models.items():
+        _print_tokenizer(load_tokenizer(spec, f"eval.models.{name}", pad_token=section.pad_token,
+                                        trust_remote_code=section.trust_remote_code, pad_key="eval.pad_token"), name)
+    for key, spec in (("eval.reward_model", section.reward_model), ("eval.reference", section.reference)):
         if spec:
             model_dir(spec, key)
-    if e.reward_model:
-        expect_run(e.reward_model, {"rm"}, "eval.reward_model")
-    records = read_prompts(e.prompts, "eval.prompts", recipe.seed, e.template, "eval.template", e.max_prompts)
+    records = read_prompts(section.prompts, "eval.prompts", recipe.seed, section.template, "eval.template",
+                           section.max_prompts)
     gold = sum(1 for r in records if has_gold(r.meta))
-    print(f"eval prompts: {len(records)} ({gold} with gold answers), models: {', '.join(e.models)}")
+    print(f"eval prompts: {len(records)} ({gold} with gold answers), models: {', '.join(section.models)}")
     _show([r.prompt for r in records])
 
 
 def check_export(recipe) -> None:
-    x = recipe.export
-    expect_run(recipe.source, {"pretrain", "sft", "rm", "ppo", "dpo"}, "source")
+    export = recipe.export
     model_dir(recipe.source, "source")
-    _print_tokenizer(load_tokenizer(recipe.source, "source", trust_remote_code=x.trust_remote_code, pad_key="source"))
-    if not x.parity_prompts:
+    _print_tokenizer(load_tokenizer(recipe.source, "source", trust_remote_code=export.trust_remote_code,
+                                    pad_key="source"))
+    if not export.parity_prompts:
         print("parity prompts: built-in")
         return
-    records = read_prompts(x.parity_prompts, "export.parity_prompts", recipe.seed)
-    print(f"parity prompts: {len(records)} (the first {min(x.parity_count, len(records))} are used)")
+    records = read_prompts(export.parity_prompts, "export.parity_prompts", recipe.seed)
+    print(f"parity prompts: {len(records)} (the first {min(export.parity_count, len(records))} are used)")
     _show([r.prompt for r in records])
 
 
@@ -191,19 +191,16 @@ def main(argv: list[str]) -> int:
     style = Style(sys.stdout.isatty())
     stage = recipe.stage
     print(f"recipe {argv[0]}: stage {stage}, valid")
+    check_parents(recipe)  # every run folder it names is of a stage that may feed this one
     if stage in ("sft", "rm", "dpo", "ppo"):
-        m = recipe.model
-        expect_run(m.name_or_path, {"pretrain", "sft", "dpo", "ppo", "export"}, "model.name_or_path")
-        model_dir(m.name_or_path, "model.name_or_path")
-        tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
-                                   trust_remote_code=m.trust_remote_code)
+        model_dir(recipe.model.name_or_path, "model.name_or_path")
+        tokenizer = tokenizer_for(recipe.model)
         _print_tokenizer(tokenizer)
         if stage == "sft":
             check_sft(recipe, tokenizer, style)
         elif stage in ("rm", "dpo"):
             check_pairs(recipe, tokenizer, style, reward_head=stage == "rm")
         else:
-            expect_run(recipe.ppo.reward_model, {"rm"}, "ppo.reward_model")
             model_dir(recipe.ppo.reward_model, "ppo.reward_model")
             check_prompts(recipe, tokenizer)
             check_gold(recipe, tokenizer)

@@ -1,11 +1,11 @@
-"""Resumable checkpoints: trainable weights, optimisers, schedulers, RNG states and loop state.
+"""Resumable checkpoints: trainable weights, optimizers, schedulers, RNG states and loop state.
 
 A checkpoint is written to `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when
 complete, so a kill during a save leaves the previous checkpoint intact. Weights are safetensors;
-optimiser and scheduler states are loaded with `torch.load(weights_only=True)`; RNG states are JSON
+optimizer and scheduler states are loaded with `torch.load(weights_only=True)`; RNG states are JSON
 and safetensors (no pickle anywhere).
 
-Under FSDP or DeepSpeed the sharded model and optimiser states are saved by `accelerator.save_state`,
+Under FSDP or DeepSpeed the sharded model and optimizer states are saved by `accelerator.save_state`,
 the rest as here. Every process writes its own RNG state into the checkpoint folder, so a multi-node
 run needs `output_dir` on a filesystem that all nodes share (as `accelerate save_state` does too).
 """

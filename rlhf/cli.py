@@ -24,7 +24,7 @@ STAGES = {
     "sft": "supervised fine-tuning on Alpaca-format instructions (LoRA or full)",
     "rm": "pairwise (Bradley-Terry) reward model",
     "ppo": "PPO with actor, critic, frozen reference and frozen reward model",
-    "dpo": "direct preference optimisation",
+    "dpo": "direct preference optimization",
     "eval": "gold accuracy, reward, KL, length and EOS rate of several models",
     "export": "merge adapters, verify parity, write a model card, optionally push to the hub",
 }

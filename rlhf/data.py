@@ -2,7 +2,7 @@
 
 `load_split` reads and validates records (data_formats), holds out an eval split, and counts what it
 skipped; `read_corpus` reads pretraining text and `load_gold_prompts` the gold-scored prompts of the
-over-optimisation monitor. The `encode_*` functions tokenize prompt and response separately and join the ids, so the
+over-optimization monitor. The `encode_*` functions tokenize prompt and response separately and join the ids, so the
 prompt/response boundary is exact and matches what the model sees when it generates. `collate_*`
 build padded (or padding-free packed) tensors; `plan_batches` decides which examples each process
 sees at each step (no duplicates, no drops inside a step).
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from data_formats.readers import Invalid, read_records
-from data_formats.schemas import parse_prompt
+from data_formats.schemas import parse_preference, parse_prompt
 from data_formats.tasks import has_gold
 from data_formats.templates import load_template
 from rlhf.errors import DataError, UserError
@@ -231,6 +231,16 @@ def encode_preferences(records: list, tokenizer, max_len: int, max_prompt_len: i
     return out, {"dropped_too_long": dropped, "truncated": truncated}
 
 
+def load_pairs(section, tokenizer, seed: int) -> tuple[list, list, dict]:
+    """The preference pairs of a recipe's `data` section (rm, dpo), encoded: (train, eval, manifest counts)."""
+    split = load_split(section, lambda raw, template: parse_preference(raw, template, section.format), seed)
+    train, train_counts = encode_preferences(split.train, tokenizer, section.max_len, section.max_prompt_len)
+    evals = encode_preferences(split.eval, tokenizer, section.max_len, section.max_prompt_len)[0] if split.eval else []
+    counts = {**split.counts, **train_counts,
+              "tokens": length_stats([len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train])}
+    return train, evals, counts
+
+
 def encode_prompts(records: list, tokenizer, max_prompt_len: int) -> tuple[list, dict]:
     """Prompt records -> {'prompt_ids', 'meta', 'prompt'} (left-truncated)."""
     bos = tokenizer.bos_token_id
@@ -316,10 +326,9 @@ def collate_sft(examples: list[dict], pad_id: int, packing: bool) -> dict:
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict:
-    """Chosen rows then rejected rows, right-padded, for one concatenated forward.
-
-    `response_mask` marks response tokens (the tokens whose logprobs DPO sums); `labels` hold the ids
-    of the response tokens and IGNORE_INDEX elsewhere."""
+    """Chosen rows then rejected rows, right-padded, for one concatenated forward: `input_ids`,
+    `attention_mask`, `labels` (the response token ids, whose logprobs DPO sums; IGNORE_INDEX on prompt and
+    pad positions) and `margin` (B,)."""
     seqs, labels = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for e in examples:

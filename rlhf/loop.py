@@ -17,20 +17,17 @@ them over micro-batches and processes gives the step's means.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
-from rlhf import checkpoint
-from rlhf.artifacts import MetricsLog
 from rlhf.data import eval_shard, plan_batches, steps_per_epoch
-from rlhf.errors import Interrupted, UserError
+from rlhf.errors import UserError
 from rlhf.optim import StepGuard, optimizer_step
-from rlhf.runtime import Interrupt, global_sum, global_sums, micro_batch
+from rlhf.runtime import global_sum, global_sums, micro_batch
+from rlhf.scaffold import Scaffold
 
 Stats = dict[str, torch.Tensor]
 
@@ -94,106 +91,92 @@ def evaluate(accelerator, model, task: Task, micro: int) -> dict[str, float]:
     return {f"eval/{k}": v for k, v in out.items()}
 
 
+class Window:
+    """Train stats summed since the last log line (kept in checkpoints, so a resumed run logs the same means)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: Stats = {}
+        self.steps = 0
+
+    def add(self, stats: Stats) -> None:
+        _sum_into(self.sums, stats)
+
+    def means(self, accelerator) -> dict[str, float]:
+        """Means per step over all processes; empties the window."""
+        out = {k: v / self.steps for k, v in global_sums(accelerator, self.sums).items()}
+        self.sums, self.steps = {}, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {k: torch.tensor(v, device=self.device) for k, v in state["sums"].items()}
+        self.steps = state["steps"]
+
+
 def run(accelerator, folder, train, seed: int, model, optimizer, scheduler, task: Task, stage: str) -> dict:
     """Train `model` for the recipe's steps; returns the final metrics (last train + last eval)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     steps = total_steps(task.n_train, train)
     per_epoch = steps_per_epoch(task.n_train, train.batch_size)
-    guard = StepGuard(train)
-    state = {"step": 0, "best": None, "metrics_offset": None}
-    modules, optimizers, schedulers = {"model": model}, {"model": optimizer}, {"model": scheduler}
-
-    if folder.resuming:
-        ckpt = folder.latest_checkpoint()
-        folder.check_resume_recipe(checkpoint.read_state(ckpt)["recipe_sha256"])
-        saved = checkpoint.load(ckpt, accelerator, modules, optimizers, schedulers)
-        guard.load_state_dict(saved["guard"])
-        state.update(saved)
-        if accelerator.is_main_process:
-            print(f"resuming from {ckpt} (step {state['step']} of {steps})", file=sys.stderr)
-    log = MetricsLog(folder.partial, accelerator.is_main_process, state["metrics_offset"], state["step"])
-    final: dict[str, float] = dict(state.get("final") or {})
-
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        state.update(metrics_offset=log.offset(), guard=guard.state_dict(), recipe_sha256=folder._hash(),
-                     final=final, window={k: float(v) for k, v in window.items()}, window_steps=window_steps)
-        checkpoint.save(folder.checkpoints, state["step"], accelerator, state, modules, optimizers, schedulers,
-                        train.keep_checkpoints)
-
-    bar = tqdm(total=steps, initial=state["step"], desc=stage, disable=not accelerator.is_main_process,
-               dynamic_ncols=True, file=sys.stderr,
-               mininterval=0.1 if sys.stderr.isatty() else 15.0)
+    guard, window = StepGuard(train), Window(accelerator.device)
+    scaffold = Scaffold(accelerator, folder, train, steps, stage, {"model": model}, {"model": optimizer},
+                        {"model": scheduler}, stateful={"guard": guard, "window": window})
+    scaffold.state.setdefault("best", None)
     model.train()
-    # train stats summed since the last log line (restored on resume, so logs match an uninterrupted run)
-    window: Stats = {k: torch.tensor(v, device=accelerator.device) for k, v in state.get("window", {}).items()}
-    window_steps = state.get("window_steps", 0)
-    with Interrupt() as interrupt, bar:
-        while state["step"] < steps:
-            step = state["step"]
-            epoch, in_epoch = divmod(step, per_epoch)
-            started = time.perf_counter()
-            micros = plan_batches(task.n_train, train.batch_size, train.micro_batch_size, rank, world, seed, epoch,
-                                  in_epoch, task.lengths)
-            local: dict[str, float] = {}
-            for idx in micros:
-                for k, v in task.weights(idx).items():
-                    local[k] = local.get(k, 0.0) + v
-            den = global_sums(accelerator, local)
-            loss_total = torch.zeros((), device=accelerator.device)
-            for i, idx in enumerate(micros):
-                with micro_batch(accelerator, [model], last=i == len(micros) - 1):
-                    with accelerator.autocast():
-                        loss, stats = task.micro_loss(idx, den)
-                    # DDP averages gradients over processes; our loss is this process's share of the global mean
-                    accelerator.backward(loss * world)
-                loss_total += loss.detach().float()
-                _sum_into(window, stats)
-            loss_value = float(global_sum(accelerator, loss_total))
-            step_stats = optimizer_step(accelerator, {"train": (model, optimizer, scheduler)}, train.max_grad_norm,
-                                        guard, step + 1, loss_value)
-            step += 1
-            state["step"] = step
-            elapsed = time.perf_counter() - started
+    for step in scaffold.steps():
+        epoch, in_epoch = divmod(step, per_epoch)
+        started = time.perf_counter()
+        # 1. which examples each process sees; 2. the step's global denominators
+        micros = plan_batches(task.n_train, train.batch_size, train.micro_batch_size, rank, world, seed, epoch,
+                              in_epoch, task.lengths)
+        local: dict[str, float] = {}
+        for idx in micros:
+            for k, v in task.weights(idx).items():
+                local[k] = local.get(k, 0.0) + v
+        den = global_sums(accelerator, local)
+        # 3. forward/backward every micro-batch
+        loss_total = torch.zeros((), device=accelerator.device)
+        for i, idx in enumerate(micros):
+            with micro_batch(accelerator, [model], last=i == len(micros) - 1):
+                with accelerator.autocast():
+                    loss, stats = task.micro_loss(idx, den)
+                # DDP averages gradients over processes; our loss is this process's share of the global mean
+                accelerator.backward(loss * world)
+            loss_total += loss.detach().float()
+            window.add(stats)
+        # 4. clip, check, step
+        loss_value = float(global_sum(accelerator, loss_total))
+        step_stats = optimizer_step(accelerator, {"train": (model, optimizer, scheduler)}, train.max_grad_norm,
+                                    guard, step + 1, loss_value)
+        elapsed = time.perf_counter() - started
 
-            window_steps += 1
-            if step % train.log_every == 0 or step == steps:
-                # train/* figures are means over the steps since the last log line
-                reduced = {k: v / window_steps for k, v in global_sums(accelerator, window).items()}
-                window, window_steps = {}, 0
-                if task.finalize:
-                    reduced = task.finalize(reduced)
-                metrics = {f"train/{k}": v for k, v in reduced.items()}
-                metrics.update(step_stats)
-                metrics["train/epoch"] = step / per_epoch
-                metrics["perf/step_time_s"] = elapsed
-                if "tokens" in den:
-                    metrics["perf/trained_tokens_per_s"] = den["tokens"] / max(elapsed, 1e-9)
-                metrics["train/nonfinite_skipped"] = guard.skipped
-                log.log(step, metrics)
-                final.update(metrics)
-                postfix = {k: f"{reduced[k]:.4g}" for k in task.progress if k in reduced}
-                if "tokens" in den:
-                    postfix["tok/s"] = f"{metrics['perf/trained_tokens_per_s']:.0f}"
-                bar.set_postfix(postfix, refresh=False)
-            if task.n_eval and ((train.eval_every and step % train.eval_every == 0) or step == steps):
-                ev = evaluate(accelerator, model, task, train.micro_batch_size)
-                log.log(step, ev)
-                final.update(ev)
-                key = task.best_key
-                if key and key in ev and (state["best"] is None or ev[key] < state["best"]):
-                    state["best"] = ev[key]
-                    if task.on_best is not None:
-                        task.on_best()
-            bar.update(1)
-
-            stop = float(global_sum(accelerator, float(interrupt.requested))) > 0 if world > 1 \
-                else interrupt.requested
-            if (train.save_every and step % train.save_every == 0 and step < steps) or stop:
-                save_checkpoint()
-            if stop:
-                log.close()
-                raise Interrupted(f"interrupted at step {step} of {steps}; checkpoint saved in {folder.checkpoints}")
-    log.close()
+        # 5. log, evaluate
+        window.steps += 1
+        if (step + 1) % train.log_every == 0 or step + 1 == steps:
+            reduced = window.means(accelerator)  # train/* figures: means over the steps since the last log line
+            if task.finalize:
+                reduced = task.finalize(reduced)
+            metrics = {f"train/{k}": v for k, v in reduced.items()}
+            metrics.update(step_stats)
+            metrics["train/epoch"] = (step + 1) / per_epoch
+            metrics["perf/step_time_s"] = elapsed
+            progress = {k: f"{reduced[k]:.4g}" for k in task.progress if k in reduced}
+            if "tokens" in den:
+                metrics["perf/trained_tokens_per_s"] = den["tokens"] / max(elapsed, 1e-9)
+                progress["tok/s"] = f"{metrics['perf/trained_tokens_per_s']:.0f}"
+            metrics["train/nonfinite_skipped"] = guard.skipped
+            scaffold.log(step + 1, metrics, progress)
+        if task.n_eval and ((train.eval_every and (step + 1) % train.eval_every == 0) or step + 1 == steps):
+            ev = evaluate(accelerator, model, task, train.micro_batch_size)
+            scaffold.log(step + 1, ev)
+            best = scaffold.state["best"]
+            if task.best_key and task.best_key in ev and (best is None or ev[task.best_key] < best):
+                scaffold.state["best"] = ev[task.best_key]
+                if task.on_best is not None:
+                    task.on_best()
+    final = scaffold.close()
     final["train/steps"] = steps
     return final

@@ -49,19 +49,15 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  mean: float | Tensor | None = None, var: float | Tensor | None = None) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, mean: float | Tensor | None = None,
+                  var: float | Tensor | None = None) -> Tensor:
     """(x − mean) / sqrt(var + eps) over masked entries; 0 at masked-out positions.
 
     `mean`/`var` may be given (globally reduced over processes); otherwise they are computed here.
-    With `shift_mean=False` the mean is added back (only the scale changes).
     """
     mean = masked_mean(x, mask) if mean is None else torch.as_tensor(mean, dtype=x.dtype, device=x.device)
     var = masked_var(x, mask) if var is None else torch.as_tensor(var, dtype=x.dtype, device=x.device)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask.to(x.dtype)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,12 +118,13 @@ def per_token_kl(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") 
 
 
 def last_token_index(mask: Tensor) -> Tensor:
-    """Index of the last 1 in each row of a right-padded mask. (B, A) -> (B,) (0 for an empty row)."""
+    """Index of the last nonzero entry of each row of a mask, left- or right-padded. (B, T) -> (B,)
+    (0 for an empty row): the reward head's token in an attention mask, the score's token in a response mask."""
     positions = torch.arange(mask.shape[-1], device=mask.device)
     return (positions * (mask > 0).long()).argmax(-1)
 
 
-def kl_penalized_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> tuple[Tensor, dict]:
+def kl_penalized_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """r_t = −kl_coef·kl_t on response tokens, plus the score at each row's last response token.
 
     scores (B,), kl (B, A), mask (B, A) -> rewards (B, A). A row with an empty mask gets no score.
@@ -137,11 +134,7 @@ def kl_penalized_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: floa
     has_tokens = m.sum(-1) > 0
     last = last_token_index(m)
     bonus = torch.zeros_like(non_score).scatter(1, last[:, None], (scores.to(kl.dtype) * has_tokens)[:, None])
-    rewards = non_score + bonus
-    stats = {"objective/kl": (kl * m).sum(-1).mean().detach(),
-             "objective/non_score_reward": non_score.sum(-1).mean().detach(),
-             "objective/score": scores.float().mean().detach()}
-    return rewards, stats
+    return non_score + bonus
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,13 +163,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda:
         advantages[:, t] = last_adv
     returns = (advantages + values) * m
     return advantages, returns
-
-
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 − Var[R − V] / Var[R] over masked tokens (1 = perfect critic; 0 when Var[R] is 0)."""
-    var_r = masked_var(returns, mask, unbiased=False)
-    var_res = masked_var(returns - values, mask, unbiased=False)
-    return torch.where(var_r > 0, 1 - var_res / var_r.clamp(min=1e-12), torch.zeros_like(var_r)).detach()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, PreTrainedTokenizerBase)
+                          AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase)
 
 from rlhf.artifacts import read_manifest
 from rlhf.errors import UserError
@@ -92,6 +92,12 @@ def load_tokenizer(spec: str, key: str = "model.name_or_path", pad_token: str | 
     if tok.pad_token_id == tok.eos_token_id:
         raise UserError(f"pad token {tok.pad_token!r} is the EOS token", None, pad_key)
     return tok
+
+
+def tokenizer_for(model_section) -> PreTrainedTokenizerBase:
+    """The tokenizer of a recipe's `model` section (its pad token, revision and remote-code setting)."""
+    return load_tokenizer(model_section.name_or_path, pad_token=model_section.pad_token,
+                          revision=model_section.revision, trust_remote_code=model_section.trust_remote_code)
 
 
 def pad_token_key_hint(key: str) -> str:
@@ -258,12 +264,6 @@ class ScalarHead(nn.Module):
         return hf.score(hidden).squeeze(-1).float()
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (non-pad) token of each row, for left or right padding. (B, T) -> (B,)"""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on the first real token (left padding gets position 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -297,6 +297,80 @@ def apply_lora(model: nn.Module, lora, task: str = "causal_lm") -> nn.Module:
     return peft_model
 
 
+def load_trainable(model_section, lora_section, tokenizer, task: str = "causal_lm", spec: str | None = None,
+                   key: str = "model.name_or_path") -> nn.Module:
+    """The model a stage trains, from its recipe's `model` and `lora` sections: `spec` (default
+    `model.name_or_path`) loaded in `model.dtype` (frozen base in 4 bits under QLoRA) with its embeddings
+    grown to the tokenizer, gradient checkpointing if asked, the KV cache off for training, and a fresh LoRA
+    adapter (a null `lora` section: full fine-tuning). `task='seq_cls'`: a scalar-head model whose head is
+    always trained, with the pad id in its config (plain transformers pools the last non-pad token)."""
+    model = load_model(spec or model_section.name_or_path, key, task=task, vocab=len(tokenizer),
+                       quantize_4bit=bool(lora_section and lora_section.quantization == "4bit"),
+                       **_load_options(model_section))
+    if task == "seq_cls":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model_section.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if lora_section is not None:
+        model = apply_lora(model, lora_section, task)
+    return model
+
+
+def load_frozen(model_section, tokenizer, device, spec: str | None = None, key: str = "model.name_or_path",
+                task: str = "causal_lm") -> nn.Module:
+    """A frozen copy (a reference model) loaded with the same `model` settings, in eval mode on `device`."""
+    model = load_model(spec or model_section.name_or_path, key, task=task, vocab=len(tokenizer),
+                       **_load_options(model_section))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_options(model_section) -> dict:
+    return dict(dtype=model_section.dtype, revision=model_section.revision,
+                trust_remote_code=model_section.trust_remote_code,
+                attn_implementation=model_section.attn_implementation)
+
+
+@contextlib.contextmanager
+def reference_model(policy: nn.Module, frozen: nn.Module | None = None):
+    """The reference of PPO's KL and of DPO, without gradients: `frozen` when there is one (full
+    fine-tuning, or a reference given explicitly), else the (unwrapped) LoRA `policy` with its adapter
+    disabled — the starting model, with no second copy in memory. Eval mode either way (no dropout)."""
+    with torch.no_grad():
+        if frozen is not None:
+            yield frozen
+            return
+        was_training = policy.training
+        policy.eval()
+        try:
+            with policy.disable_adapter():
+                yield policy
+        finally:
+            policy.train(was_training)
+
+
+def disable_dropout(*models) -> None:
+    """Dropout off in every role: logprobs of the rollout and of the update must be comparable.
+
+    `nn.Dropout` modules get p = 0. Attention dropout is applied functionally in train mode from a float
+    the attention module copied from its config (Llama: `self.attention_dropout`), so every float attribute
+    named *dropout* of every module, and of every config found on the way (peft's inner model included),
+    is set to 0 as well.
+    """
+    def zero(obj) -> None:
+        for name, value in list(vars(obj).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(obj, name, 0.0)
+            elif isinstance(value, PretrainedConfig):  # a module's config, a config's sub-configs
+                zero(value)
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+            zero(module)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -307,9 +381,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def module_bytes(model: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def set_dropout_off(*models: nn.Module) -> None:
-    """eval() mode: no dropout (PPO needs logprobs that match between rollout and update)."""
-    for m in models:
-        m.eval()

@@ -1,4 +1,4 @@
-"""Gold-scored evaluation and the over-optimisation monitor.
+"""Gold-scored evaluation and the over-optimization monitor.
 
 The reward model is a proxy. When held-out prompts carry a program-checkable answer (the task suite's
 `task` + `answer`), `gold_sums`/`gold_metrics` measure what the proxy stands for; the monitor warns when the proxy
@@ -7,8 +7,12 @@ score rises while gold accuracy falls (reward hacking, Gao et al. 2022) or the K
 
 from __future__ import annotations
 
+import math
+import sys
+
 from data_formats.tasks import grade, has_gold
 from rlhf.rollout import complete
+from rlhf.runtime import global_sums
 
 
 def gold_sums(model, tokenizer, prompts: list[dict], cfg, device, scorer=None, seed: int = 0, first: int = 0,
@@ -37,7 +41,26 @@ def gold_metrics(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-class OverOptimisationMonitor:
+def gold_check(accelerator, model, tokenizer, prompts: list[dict], cfg, scorer, seed: int, monitor, step: int,
+               kl: float) -> dict[str, float]:
+    """Gold accuracy and proxy score of `model` on the held-out `prompts`, with the monitor's warnings
+    (printed by the main process; every process keeps the monitor's state). Every process decodes a
+    contiguous shard (sharded weights need all of them in each forward) and the counts are summed."""
+    world, rank, n = accelerator.num_processes, accelerator.process_index, len(prompts)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    calls = math.ceil(math.ceil(n / world) / cfg.batch_size)  # the largest shard's; every process makes as many
+    sums = gold_sums(model, tokenizer, prompts[lo:hi], cfg, accelerator.device, scorer, seed, first=lo, batches=calls,
+                     synced=True)
+    out = gold_metrics(global_sums(accelerator, sums))
+    warnings = monitor.check(step, out, kl)
+    if warnings:
+        out["monitor/warnings"] = len(warnings)
+    for warning in warnings if accelerator.is_main_process else []:
+        print(f"warning: {warning}", file=sys.stderr)
+    return out
+
+
+class OverOptimizationMonitor:
     """Remembers the last gold evaluation and returns warnings for the current one."""
 
     def __init__(self, kl_budget: float, tolerance: float = 0.02):
@@ -51,7 +74,7 @@ class OverOptimisationMonitor:
         if self.last is not None and gold is not None and proxy is not None:
             if proxy > self.last["proxy"] and gold < self.last["gold"] - self.tolerance:
                 warnings.append(f"step {step}: proxy score rose {self.last['proxy']:.3f} -> {proxy:.3f} while gold "
-                                f"accuracy fell {self.last['gold']:.3f} -> {gold:.3f} (over-optimisation?)")
+                                f"accuracy fell {self.last['gold']:.3f} -> {gold:.3f} (over-optimization?)")
         if kl > self.kl_budget:
             warnings.append(f"step {step}: KL {kl:.2f} nats is over the budget {self.kl_budget:g} "
                             f"(ppo.kl_target); raise ppo.kl_coef or use kl_control: adaptive")

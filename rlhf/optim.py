@@ -1,4 +1,4 @@
-"""Optimiser, LR schedule and the guarded optimizer step (gradient clipping, non-finite checks)."""
+"""Optimizer, LR schedule and the guarded optimizer step (gradient clipping, non-finite checks)."""
 
 from __future__ import annotations
 

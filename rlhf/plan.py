@@ -4,7 +4,7 @@ The arithmetic (pure functions of numbers, all in bytes) follows what this code 
 - weights: parameters x bytes(model.dtype); 4-bit QLoRA stores linear weights at 0.5 byte (+3 % for
   quantisation constants). LoRA parameters are float32 (peft keeps adapters in fp32).
 - gradients: trainable parameters x bytes of their dtype (LoRA: 4; full fine-tuning: model.dtype).
-- optimiser (AdamW): two moments per trainable parameter, in the parameter's dtype (torch's AdamW keeps
+- optimizer (AdamW): two moments per trainable parameter, in the parameter's dtype (torch's AdamW keeps
   states like the parameters; there is no separate fp32 master copy).
 - activations of one micro-batch, per layer and token, stored in the autocast dtype (bf16 under
   mixed precision, else model.dtype): 8h + 2·kv·d + 4i elements for a Llama block with memory-efficient
@@ -14,7 +14,7 @@ The arithmetic (pure functions of numbers, all in bytes) follows what this code 
   With gradient checkpointing: the layer inputs (h per token per layer) plus one layer recomputed.
   Plus float32 logits and their gradient over the sequence: 2 · B · T · V · 4.
 - PPO rollout KV cache: 2 · L · kv · d · (prompt + new tokens) · generate.batch_size · bytes(dtype).
-- ZeRO / FSDP over `gpus`: stage 1 shards optimiser states, 2 also gradients, 3 also weights.
+- ZeRO / FSDP over `gpus`: stage 1 shards optimizer states, 2 also gradients, 3 also weights.
 - a fixed 1 GiB for the CUDA context and allocator slack.
 """
 
@@ -114,13 +114,13 @@ def role_bytes(shape: dict, dtype_bytes: int, *, trainable: bool, lora=None, qua
 
 def plan(recipe, shapes: dict, gpu_mem: int | None = None, zero: int = 0, gpus: int = 1) -> dict:
     """Per-role bytes for a stage recipe. `shapes`: {'policy': shape, 'reward': shape (ppo)}."""
-    m = recipe.model
+    model_section = recipe.model
     stage, lora = recipe.stage, getattr(recipe, "lora", None)
-    dtype_bytes = BYTES.get(getattr(m, "dtype", "float32"), 4)
+    dtype_bytes = BYTES.get(getattr(model_section, "dtype", "float32"), 4)
     mixed = getattr(recipe.train, "mixed_precision", "no") in ("bf16", "fp16", "auto")
     act_bytes = 2 if mixed else dtype_bytes
     quant4 = bool(lora and lora.quantization == "4bit")
-    ckpt = bool(getattr(m, "gradient_checkpointing", False))
+    ckpt = bool(getattr(model_section, "gradient_checkpointing", False))
     micro = recipe.train.micro_batch_size
     common = dict(act_bytes=act_bytes, checkpointing=ckpt, zero=zero, gpus=gpus)
     policy = shapes["policy"]
@@ -137,8 +137,9 @@ def plan(recipe, shapes: dict, gpu_mem: int | None = None, zero: int = 0, gpus: 
         resident = not recipe.dpo.precompute_ref
         roles["reference"] = role_bytes(policy, dtype_bytes, trainable=False, shared=lora is not None or not resident)
     elif stage == "ppo":
-        g, seq = recipe.generate, recipe.data.max_prompt_len + recipe.generate.max_new_tokens
-        kv = 2 * policy["layers"] * policy["kv_heads"] * policy["head_dim"] * seq * g.batch_size * dtype_bytes
+        seq = recipe.data.max_prompt_len + recipe.generate.max_new_tokens
+        kv = 2 * policy["layers"] * policy["kv_heads"] * policy["head_dim"] * seq * recipe.generate.batch_size * \
+            dtype_bytes
         roles["actor"] = role_bytes(policy, dtype_bytes, trainable=True, lora=lora, quant4=quant4, rows=micro, seq=seq,
                                     kv_cache=kv, **common)
         roles["reference"] = role_bytes(policy, dtype_bytes, trainable=False, shared=lora is not None)
@@ -202,11 +203,12 @@ def main(argv: list[str]) -> int:
     if recipe.stage == "pretrain":
         from transformers import LlamaConfig
 
-        a = recipe.model
-        config = LlamaConfig(vocab_size=recipe.tokenizer.vocab_size, hidden_size=a.hidden_size,
-                             intermediate_size=a.intermediate_size, num_hidden_layers=a.num_layers,
-                             num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads or a.num_heads,
-                             tie_word_embeddings=a.tie_word_embeddings)
+        arch = recipe.model
+        config = LlamaConfig(vocab_size=recipe.tokenizer.vocab_size, hidden_size=arch.hidden_size,
+                             intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_layers,
+                             num_attention_heads=arch.num_heads,
+                             num_key_value_heads=arch.num_kv_heads or arch.num_heads,
+                             tie_word_embeddings=arch.tie_word_embeddings)
         shapes = {"policy": model_shape(config)}
     elif recipe.stage in ("sft", "rm", "dpo", "ppo"):
         shapes = {"policy": model_shape(load_config(recipe.model.name_or_path, "model.name_or_path"))}

@@ -6,17 +6,18 @@ The math they call is in `rlhf.losses`; the order of the phases is in `stages/pp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from transformers import PretrainedConfig
+from accelerate.utils import DistributedType
 
 from rlhf.errors import UserError
 from rlhf.forward import response_logprobs
 from rlhf.losses import masked_mean, ppo_policy_loss, ppo_value_loss
-from rlhf.models import (ScalarHead, apply_lora, count_parameters, load_model, module_bytes,
-                         position_ids_from_mask)
-from rlhf.optim import optimizer_step
+from rlhf.models import (ScalarHead, count_parameters, disable_dropout, load_frozen, load_trainable, module_bytes,
+                         position_ids_from_mask, reference_model)
+from rlhf.optim import build_optimizer, build_scheduler, optimizer_step
 from rlhf.runtime import global_sum, global_sums, micro_batch
 from rlhf.scoring import RewardScorer, load_scorer
 
@@ -29,64 +30,58 @@ class Roles:
     actor: torch.nn.Module  # trained; starts as the SFT model (LoRA-wrapped unless lora is null)
     critic: ScalarHead  # trained; the reward model's (or the SFT model's) backbone + a value head
     reference: torch.nn.Module | None  # frozen SFT copy; None under LoRA: the actor with its adapter disabled
-    reward: RewardScorer  # frozen
-    same_vocab: bool  # the reward model reads the actor's token ids as they are
+    scorer: RewardScorer  # the frozen reward model
+
+
+def check_launch(accelerator) -> None:
+    """PPO trains two models, and accelerate's DeepSpeed plugin prepares one."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError("PPO trains two models, which accelerate cannot prepare under DeepSpeed; launch it under "
+                        "DDP or FSDP (recipes/accelerate/fsdp.yaml)")
 
 
 def load_roles(recipe, tokenizer, device) -> Roles:
     """Load the four models of a PPO recipe, dropout off, actor and critic in train mode."""
-    m, o, lora = recipe.model, recipe.ppo, recipe.lora
-    load = dict(dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                attn_implementation=m.attn_implementation, vocab=len(tokenizer),
-                quantize_4bit=bool(lora and lora.quantization == "4bit"))
-    actor = load_model(m.name_or_path, **load)
-    reference = None
-    if lora is None:
-        reference = load_model(m.name_or_path, **load).to(device).eval().requires_grad_(False)
-    reward = load_scorer(o.reward_model, device, dtype=m.dtype, normalize=o.normalize_reward, key="ppo.reward_model")
-    same_vocab = reward.tokenizer.get_vocab() == tokenizer.get_vocab()
-    if o.critic_init == "reward":
-        if not same_vocab:
+    model_section, ppo, lora = recipe.model, recipe.ppo, recipe.lora
+    actor = load_trainable(model_section, lora, tokenizer)
+    reference = load_frozen(model_section, tokenizer, device) if lora is None else None
+    scorer = load_scorer(ppo.reward_model, device, dtype=model_section.dtype, normalize=ppo.normalize_reward,
+                         key="ppo.reward_model")
+    if ppo.critic_init == "reward":
+        if not scorer.same_vocab(tokenizer):
             raise UserError("the reward model's tokenizer differs from the actor's; the critic cannot start from "
                             "it (use ppo.critic_init: actor)", None, "ppo.critic_init")
-        critic_backbone = load_model(o.reward_model, "ppo.reward_model", task="seq_cls", **load)
+        critic = load_trainable(model_section, lora, tokenizer, "seq_cls", ppo.reward_model, "ppo.reward_model")
     else:
-        critic_backbone = load_model(m.name_or_path, task="seq_cls", **load)
-    if m.gradient_checkpointing:
-        for model in (actor, critic_backbone):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora is not None:
-        actor = apply_lora(actor, lora)
-        critic_backbone = apply_lora(critic_backbone, lora, task="seq_cls")
-    critic = ScalarHead(critic_backbone)
-    disable_dropout(actor, critic, reward.model, *([reference] if reference is not None else []))
+        critic = load_trainable(model_section, lora, tokenizer, "seq_cls")
+    critic = ScalarHead(critic)
+    disable_dropout(actor, critic, scorer.model, *([reference] if reference is not None else []))
     # from_pretrained returns eval mode, and HF layers recompute activations (gradient checkpointing) only
     # in train mode; with dropout off, train mode changes nothing else. Generation switches to eval itself.
     actor.train()
     critic.train()
-    return Roles(actor, critic, reference, reward, same_vocab)
+    return Roles(actor, critic, reference, scorer)
 
 
-def disable_dropout(*models) -> None:
-    """Dropout off in every role: logprobs of the rollout and of the update must be comparable.
+def iterations_of(n_prompts: int, ppo, train) -> int:
+    """PPO iterations of a recipe: `train.epochs` passes over the prompts, at most `train.max_steps`."""
+    if n_prompts < ppo.rollout_batch_size:
+        raise UserError(f"only {n_prompts} prompts, fewer than ppo.rollout_batch_size={ppo.rollout_batch_size}",
+                        None, "ppo.rollout_batch_size")
+    iterations = max(1, math.ceil(train.epochs * n_prompts / ppo.rollout_batch_size))
+    return min(iterations, train.max_steps) if train.max_steps else iterations
 
-    `nn.Dropout` modules get p = 0. Attention dropout is applied functionally in train mode from a float
-    the attention module copied from its config (Llama: `self.attention_dropout`), so every float attribute
-    named *dropout* of every module, and of every config found on the way (peft's inner model included),
-    is set to 0 as well.
-    """
-    def zero(obj) -> None:
-        for name, value in list(vars(obj).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(obj, name, 0.0)
-            elif isinstance(value, PretrainedConfig):  # a module's config, a config's sub-configs
-                zero(value)
 
-    for model in models:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-            zero(module)
+def prepare_training(accelerator, roles: Roles, ppo, train, iterations: int):
+    """AdamW and schedule for actor and critic (over every update of the run), prepared by accelerate:
+    (actor, critic, optimizers, schedulers), the dicts keyed 'actor' and 'critic'."""
+    updates = iterations * ppo.ppo_epochs * (ppo.rollout_batch_size // train.batch_size)
+    optimizers = {"actor": build_optimizer(roles.actor.parameters(), train),
+                  "critic": build_optimizer(roles.critic.parameters(), train, lr=ppo.critic_lr)}
+    schedulers = {name: build_scheduler(optimizer, train, updates) for name, optimizer in optimizers.items()}
+    actor, critic, optimizers["actor"], optimizers["critic"] = accelerator.prepare(
+        roles.actor, roles.critic, optimizers["actor"], optimizers["critic"])
+    return actor, critic, optimizers, schedulers
 
 
 def memory_report(roles: Roles, device) -> str:
@@ -102,15 +97,15 @@ def memory_report(roles: Roles, device) -> str:
         "  reference  " + (gib(module_bytes(roles.reference)) if roles.reference is not None
                            else "shared with the actor (adapter disabled)"),
         f"  critic     {gib(module_bytes(roles.critic))}  ({trainable_critic / 1e6:.3f}M trainable)",
-        f"  reward     {gib(module_bytes(roles.reward.model))}  (frozen)"])
+        f"  reward     {gib(module_bytes(roles.scorer.model))}  (frozen)"])
 
 
 def filtered_sampling_warning(generate) -> str | None:
     """The caveat of top-k / top-p rollouts, or None when sampling uses the full distribution."""
     if generate.temperature > 0 and (generate.top_k or generate.top_p < 1.0):
-        return (f"generate.top_k={generate.top_k} / top_p={generate.top_p:g} filter the sampling distribution, but "
-                "logprobs, ratios and the KL penalty use the unfiltered (temperature-scaled) policy; they refer to "
-                "that policy, not the one the responses were sampled from")
+        return (f"warning: generate.top_k={generate.top_k} / top_p={generate.top_p:g} filter the sampling "
+                "distribution, but logprobs, ratios and the KL penalty use the unfiltered (temperature-scaled) "
+                "policy; they refer to that policy, not the one the responses were sampled from")
     return None
 
 
@@ -119,23 +114,24 @@ def filtered_sampling_warning(generate) -> str | None:
 
 @dataclass
 class Experience:
-    """One process's share of an iteration. (B, A) tensors over response tokens unless noted."""
+    """One process's share of an iteration, built once after GAE. (B, A) tensors over response tokens
+    unless noted; every per-token tensor is 0 outside `response_mask`."""
 
-    sequences: torch.Tensor  # (B, P + A)
+    sequences: torch.Tensor  # (B, P + A) prompt (left-padded) + response (right-padded)
     attention_mask: torch.Tensor  # (B, P + A)
-    prompt_width: int
-    mask: torch.Tensor  # response_mask as float
-    ended: torch.Tensor  # (B,)
-    raw_scores: torch.Tensor  # (B,) reward model, normalised
-    scores: torch.Tensor  # (B,) after EOS penalty and clipping
-    old_logprobs: torch.Tensor
+    prompt_width: int  # P
+    response_mask: torch.Tensor  # float
+    ended: torch.Tensor  # (B,) the response ends with EOS
+    raw_scores: torch.Tensor  # (B,) reward model, normalized
+    scores: torch.Tensor  # (B,) after the missing-EOS penalty and clipping
+    old_logprobs: torch.Tensor  # actor at rollout time
     ref_logprobs: torch.Tensor
     old_values: torch.Tensor
     entropy: torch.Tensor
-    kl: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+    kl: torch.Tensor  # per-token KL estimate
+    rewards: torch.Tensor  # -kl_coef * kl, + score at the last token
+    advantages: torch.Tensor
+    returns: torch.Tensor
 
 
 def critic_values(critic, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
@@ -155,18 +151,24 @@ def shape_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: fl
     return scores
 
 
-def no_grad_passes(actor, critic, ref_logprobs_fn, sequences, attention_mask, prompt_width: int, micro: int,
+def no_grad_passes(actor, critic, reference, sequences, attention_mask, prompt_width: int, micro: int,
                    temperature: float, autocast) -> tuple[torch.Tensor, ...]:
-    """Old actor logprobs (+ entropy), reference logprobs and critic values, micro-batch by micro-batch."""
+    """Old actor logprobs, entropy and critic values, then reference logprobs (`rlhf.models.reference_model`:
+    the frozen copy, or the actor with its adapter disabled), micro-batch by micro-batch, without gradients.
+    Returns (old_logprobs, ref_logprobs, values, entropy), each (B, A) float32."""
     old, ref, values, entropy = [], [], [], []
+    rows = range(0, sequences.shape[0], micro)
     with torch.no_grad(), autocast():
-        for i in range(0, sequences.shape[0], micro):
+        for i in rows:
             s, a = sequences[i:i + micro], attention_mask[i:i + micro]
             lp, ent = response_logprobs(actor, s, a, prompt_width, temperature, with_entropy=True)
             old.append(lp.float())
             entropy.append(ent.float())
-            ref.append(ref_logprobs_fn(s, a).float())
             values.append(critic_values(critic, s, a, prompt_width).float())
+        with reference_model(actor, reference) as ref_model:
+            for i in rows:
+                s, a = sequences[i:i + micro], attention_mask[i:i + micro]
+                ref.append(response_logprobs(ref_model, s, a, prompt_width, temperature)[0].float())
     return torch.cat(old), torch.cat(ref), torch.cat(values), torch.cat(entropy)
 
 
@@ -179,7 +181,7 @@ def global_whiten_stats(accelerator, x: torch.Tensor, mask: torch.Tensor) -> tup
 
 
 # stats of ppo_policy_loss / ppo_value_loss, by how they combine over micro-batches and processes
-_NORMALISED = ("loss/policy", "loss/value", "policy/entropy")  # already divided by the global token count
+_NORMALIZED = ("loss/policy", "loss/value", "policy/entropy")  # already divided by the global token count
 _LOCAL_MEANS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio_mean", "value/clipfrac", "value/mean")
 
 
@@ -195,50 +197,51 @@ def minibatch_rows(local_rows: int, offset: int, minibatches: int, epoch: int, m
             if ((offset + i) + ((offset + i) // minibatches) * epoch) % minibatches == m]
 
 
-def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard, exp: Experience, cfg, train,
-           step: int, generator: torch.Generator) -> dict[str, float]:
+def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard, exp: Experience, ppo, train,
+           temperature: float, step: int, generator: torch.Generator) -> dict[str, float]:
     """K epochs x minibatches of the clipped PPO objective over `exp`; returns averaged stats.
 
-    loss = L_clip + vf_coef * L_V - entropy_coef * H, each a token mean over the global minibatch.
-    Stops the epochs early when the minibatch approx-KL (global mean) exceeds `cfg.target_kl`.
+    loss = L_clip + vf_coef * L_V - entropy_coef * H, each a token mean over the global minibatch; logprobs at
+    the rollout's `temperature`. Stops the epochs early when the minibatch approx-KL (global mean) exceeds
+    `ppo.target_kl`.
     """
-    world, rows_total = accelerator.num_processes, exp.sequences.shape[0]
+    world, rows_total, response_mask = accelerator.num_processes, exp.sequences.shape[0], exp.response_mask
     minibatches, micro = rows_total * world // train.batch_size, train.micro_batch_size
     offset = accelerator.process_index * rows_total
-    temperature = cfg.temperature
     sums: dict[str, torch.Tensor] = {}
     same_everywhere: dict[str, float] = {}  # grad norms are identical on every process after sync
-    ratio_max = torch.zeros((), device=exp.mask.device)
+    ratio_max = torch.zeros((), device=response_mask.device)
     updates, epochs_run = 0, 0
-    for epoch in range(cfg.ppo_epochs):
+    for epoch in range(ppo.ppo_epochs):
         epochs_run += 1
-        epoch_kl = torch.zeros((), device=exp.mask.device)
+        epoch_kl = torch.zeros((), device=response_mask.device)
         for m in torch.randperm(minibatches, generator=generator).tolist():
             rows = minibatch_rows(rows_total, offset, minibatches, epoch, m)
-            tokens = global_sum(accelerator, exp.mask[rows].sum()).to(exp.mask.dtype)  # global minibatch tokens
-            loss_sum = torch.zeros((), device=exp.mask.device)
+            # the global minibatch's token count: every loss below is a token mean over it
+            tokens = global_sum(accelerator, response_mask[rows].sum()).to(response_mask.dtype)
+            loss_sum = torch.zeros((), device=response_mask.device)
             for j in range(0, len(rows), micro):
                 r = rows[j:j + micro]
-                mask = exp.mask[r]
+                mask = response_mask[r]
                 with micro_batch(accelerator, [actor, critic], last=j + micro >= len(rows)):
                     with accelerator.autocast():
                         logprobs, entropy = response_logprobs(actor, exp.sequences[r], exp.attention_mask[r],
                                                               exp.prompt_width, temperature, with_entropy=True,
-                                                              entropy_grad=cfg.entropy_coef != 0)
+                                                              entropy_grad=ppo.entropy_coef != 0)
                         values = critic_values(critic, exp.sequences[r], exp.attention_mask[r], exp.prompt_width)
                         pg_loss, pg = ppo_policy_loss(logprobs.float(), exp.old_logprobs[r], exp.advantages[r],
-                                                      mask, cfg.clip_range, normalizer=tokens,
-                                                      max_log_ratio=cfg.max_log_ratio)
+                                                      mask, ppo.clip_range, normalizer=tokens,
+                                                      max_log_ratio=ppo.max_log_ratio)
                         vf_loss, vf = ppo_value_loss(values.float(), exp.old_values[r], exp.returns[r], mask,
-                                                     cfg.clip_range_value, normalizer=tokens)
+                                                     ppo.clip_range_value, normalizer=tokens)
                         ent = masked_mean(entropy.float(), mask, normalizer=tokens)
-                        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
+                        loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * ent
                     # DDP averages gradients over processes; the loss is this process's share of the global mean
                     accelerator.backward(loss * world)
                 loss_sum += loss.detach()
                 share = mask.sum() / tokens
                 stats = {**pg, **vf, "policy/entropy": ent.detach()}
-                for k in _NORMALISED:
+                for k in _NORMALIZED:
                     sums[k] = sums.get(k, 0.0) + stats[k]
                 for k in _LOCAL_MEANS:
                     sums[k] = sums.get(k, 0.0) + stats[k] * share
@@ -255,9 +258,9 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
                 same_everywhere[f"{name}/grad_norm"] = same_everywhere.get(f"{name}/grad_norm", 0.0) + \
                     out[f"{name}/grad_norm"]
             updates += 1
-        if cfg.target_kl is not None:
+        if ppo.target_kl is not None:
             kl_now = float(global_sum(accelerator, epoch_kl)) / minibatches
-            if kl_now > cfg.target_kl:
+            if kl_now > ppo.target_kl:
                 break
     out = {k: v / updates for k, v in global_sums(accelerator, sums).items()}
     out["policy/ratio_clamped"] = out["policy/ratio_clamped"] * updates  # a count over the whole update
@@ -267,9 +270,11 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
     return out
 
 
-def rollout_metrics(accelerator, exp: Experience, kl_coef: float, rows_global: int) -> dict[str, float]:
-    """Per-iteration figures of the rollout, over all processes (means per response unless noted)."""
-    m = exp.mask
+def rollout_metrics(accelerator, exp: Experience, kl_coef: float, rows_global: int,
+                    generate_s: float) -> dict[str, float]:
+    """Per-iteration figures of the rollout, over all processes (means per response unless noted);
+    `generate_s`: the seconds the rollout took (for generated tokens per second)."""
+    m = exp.response_mask
     sums = global_sums(accelerator, {
         "score": exp.raw_scores.sum(), "score_shaped": exp.scores.sum(), "kl": (exp.kl * m).sum(),
         "entropy": (exp.entropy * m).sum(), "tokens": m.sum(), "eos": exp.ended.float().sum(),
@@ -288,4 +293,5 @@ def rollout_metrics(accelerator, exp: Experience, kl_coef: float, rows_global: i
         "response/eos_rate": sums["eos"] / n,
         "value/explained_var": 1.0 - var_e / var_r if var_r > 0 else 0.0,
         "kl_coef": kl_coef,
+        "perf/generate_tokens_per_s": sums["tokens"] / max(generate_s, 1e-9),
     }

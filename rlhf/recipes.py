@@ -42,7 +42,7 @@ class PretrainRecipe(_Recipe):
     model: ArchSection = section(ArchSection, "Llama architecture of the new model")
     tokenizer: TokenizerSection = section(TokenizerSection, "byte-level BPE tokenizer")
     data: CorpusData = req("text corpus")
-    train: TrainSection = section(TrainSection, "optimisation and loop")
+    train: TrainSection = section(TrainSection, "optimization and loop")
 
 
 @dataclass(kw_only=True)
@@ -50,7 +50,7 @@ class SFTRecipe(_Recipe):
     model: ModelSection = req("base model")
     lora: Optional[LoraSection] = section(LoraSection, "LoRA adapter (null = full fine-tuning)")
     data: SFTData = req("Alpaca instruction data")
-    train: TrainSection = section(TrainSection, "optimisation and loop")
+    train: TrainSection = section(TrainSection, "optimization and loop")
     generate: GenerateSection = opt(GenerateSection(temperature=0.0, max_new_tokens=64),
                                     "decoding of the sample table written at the end")
     samples: int = opt(4, "eval prompts in the sample table", ge=0)
@@ -61,7 +61,7 @@ class RMRecipe(_Recipe):
     model: ModelSection = req("backbone (usually the sft run folder)")
     lora: Optional[LoraSection] = section(LoraSection, "LoRA adapter (null = full fine-tuning); head always trained")
     data: PreferenceData = req("pairwise preference data")
-    train: TrainSection = section(TrainSection, "optimisation and loop")
+    train: TrainSection = section(TrainSection, "optimization and loop")
     rm: RMSection = section(RMSection, "reward-model options")
 
 
@@ -70,7 +70,7 @@ class PPORecipe(_Recipe):
     model: ModelSection = req("actor initialisation (usually the sft run folder)")
     lora: Optional[LoraSection] = section(LoraSection, "LoRA for actor and critic (null = full fine-tuning)")
     data: PromptData = req("rollout prompts")
-    train: TrainSection = section(TrainSection, "optimisation and loop")
+    train: TrainSection = section(TrainSection, "optimization and loop")
     generate: GenerateSection = section(GenerateSection, "rollout sampling")
     ppo: PPOSection = req("PPO hyper-parameters")
 
@@ -80,7 +80,7 @@ class DPORecipe(_Recipe):
     model: ModelSection = req("policy initialisation (usually the sft run folder)")
     lora: Optional[LoraSection] = section(LoraSection, "LoRA adapter (null = full fine-tuning)")
     data: PreferenceData = req("pairwise preference data")
-    train: TrainSection = section(TrainSection, "optimisation and loop")
+    train: TrainSection = section(TrainSection, "optimization and loop")
     dpo: DPOSection = section(DPOSection, "DPO options")
 
 
@@ -95,6 +95,19 @@ class ExportRecipe(_Recipe):
     source: str = req("run folder (or HF folder) to export")
     export: ExportSection = section(ExportSection, "export options")
 
+
+# Which stages' run folders each recipe key accepts (a hub id or plain folder is always accepted): declared
+# once, read by the stages and by `rlhf check` (`rlhf.artifacts.check_parents`).
+POLICY_RUNS = ("pretrain", "sft", "dpo", "ppo", "export")
+REWARD_RUNS = ("rm",)
+PARENT_STAGES: dict[str, dict[str, tuple[str, ...]]] = {
+    "sft": {"model.name_or_path": POLICY_RUNS},
+    "rm": {"model.name_or_path": ("pretrain", "sft", "dpo", "export")},
+    "ppo": {"model.name_or_path": POLICY_RUNS, "ppo.reward_model": REWARD_RUNS},
+    "dpo": {"model.name_or_path": POLICY_RUNS, "dpo.reference": POLICY_RUNS},
+    "eval": {"eval.models": POLICY_RUNS, "eval.reference": POLICY_RUNS, "eval.reward_model": REWARD_RUNS},
+    "export": {"source": ("pretrain", "sft", "rm", "ppo", "dpo")},
+}
 
 RECIPES: dict[str, type] = {
     "tasks": TasksRecipe, "pretrain": PretrainRecipe, "sft": SFTRecipe, "rm": RMRecipe,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -190,28 +191,39 @@ def generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, en
         model.train(was_training)
 
 
+def generate_batches(model, prompt_ids: list[list[int]], cfg, eos_id: int, pad_id: int, device,
+                     keys: torch.Tensor | None = None, engine: str | None = None, synced: bool = False,
+                     min_batches: int = 0) -> Iterator[tuple[int, Generation]]:
+    """Generate for `prompt_ids`, `cfg.batch_size` prompts (left-padded) at a time: yields (index of the batch's
+    first prompt, Generation). `keys` (one per prompt, see `row_keys`) make each row's sample independent of
+    the batching. `min_batches`: generate calls to make at least; a call beyond the prompts decodes a one-token
+    placeholder whose row is not a prompt's (synced processes with fewer prompts join the forwards)."""
+    from rlhf.data import collate_prompts
+
+    size = cfg.batch_size
+    for start in range(0, max(min_batches * size, len(prompt_ids)), size):
+        chunk = prompt_ids[start:start + size] or [[eos_id]]
+        batch = collate_prompts([{"prompt_ids": p} for p in chunk], pad_id)
+        chunk_keys = keys[start:start + size] if keys is not None and start < len(keys) else None
+        yield start, generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg, eos_id,
+                              pad_id, engine, chunk_keys, synced)
+
+
 def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine: str | None = None,
              seed: int = 0, step: int = 0, first: int = 0, batches: int = 0,
              synced: bool = False) -> list[dict]:
-    """Decode completions for prompts (in batches of cfg.batch_size): [{'completion', 'ended', 'tokens'}].
+    """Decode completions for prompts: [{'completion', 'ended', 'tokens'}].
 
     `first`: index of prompt_ids[0] in a longer list sharded over processes (the seeded noise is keyed by
-    it, so a shard decodes as the whole list would). `batches`: generate calls to make at least; calls
-    beyond the prompts decode a one-token placeholder and are dropped (synced processes with fewer prompts).
+    it, so a shard decodes as the whole list would). `batches`: generate calls to make at least (see
+    `generate_batches`).
     """
-    from rlhf.data import collate_prompts
-
+    keys = row_keys(seed, step, range(first, first + len(prompt_ids)), device)
     out = []
-    for b in range(max(batches, -(-len(prompt_ids) // cfg.batch_size))):
-        i = b * cfg.batch_size
-        real = prompt_ids[i:i + cfg.batch_size]
-        chunk = real or [[tokenizer.eos_token_id]]  # a placeholder that only takes part in the forwards
-        batch = collate_prompts([{"prompt_ids": p} for p in chunk], tokenizer.pad_token_id)
-        keys = row_keys(seed, step, range(first + i, first + i + len(chunk)), device)
-        gen = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg,
-                       tokenizer.eos_token_id, tokenizer.pad_token_id, engine, keys, synced)
-        texts = decode_responses(tokenizer, gen)
-        for text, mask, ended in list(zip(texts, gen.response_mask, gen.ended))[:len(real)]:
+    for start, gen in generate_batches(model, prompt_ids, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                       device, keys, engine, synced, batches):
+        real = prompt_ids[start:start + cfg.batch_size]
+        for _, text, mask, ended in zip(real, decode_responses(tokenizer, gen), gen.response_mask, gen.ended):
             out.append({"completion": text, "ended": bool(ended), "tokens": int(mask.sum())})
     return out
 
@@ -251,14 +263,7 @@ def concat(gens: list[Generation], pad_id: int) -> Generation:
 
 def sample(model, examples: list[dict], cfg, eos_id: int, pad_id: int, device, keys: torch.Tensor | None = None,
            engine: str | None = None, synced: bool = False) -> Generation:
-    """Rollouts for prompt examples ({'prompt_ids'}), generated `cfg.batch_size` prompts at a time.
-    `keys` (one per example, see `row_keys`) make each row's sample independent of the batching."""
-    from rlhf.data import collate_prompts
-
-    gens = []
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = collate_prompts(examples[i:i + cfg.batch_size], pad_id)
-        chunk_keys = keys[i:i + cfg.batch_size] if keys is not None else None
-        gens.append(generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg, eos_id,
-                             pad_id, engine, chunk_keys, synced))
-    return concat(gens, pad_id)
+    """Rollouts for prompt examples ({'prompt_ids'}) as one Generation (see `generate_batches`)."""
+    gens = generate_batches(model, [e["prompt_ids"] for e in examples], cfg, eos_id, pad_id, device, keys, engine,
+                            synced)
+    return concat([gen for _, gen in gens], pad_id)

@@ -38,11 +38,11 @@ def micro_batch(accelerator: Accelerator, models, last: bool):
     DDP skips the all-reduce inside `no_sync`. DeepSpeed's engine steps inside `accelerator.backward`
     whenever accelerate's `sync_gradients` flag is set (its gradient-accumulation boundary), so the flag
     must be False for every micro-batch but the last, or ZeRO would take one optimizer step per
-    micro-batch. accelerate sets this flag only inside its own `accumulate()`, whose step counting and
-    loss division we do not use (our losses are already divided by the global token count), so we set
-    it here. Call `accelerator.backward` inside the block.
+    micro-batch. accelerate sets this flag by itself only inside its own `accumulate()`, whose step counting
+    and loss division we do not use (our losses are already divided by the global token count), so we set
+    it here through its public setter. Call `accelerator.backward` inside the block.
     """
-    accelerator.gradient_state._set_sync_gradients(last)
+    accelerator.sync_gradients = last
     with contextlib.ExitStack() as stack:
         if not last:
             for model in models:

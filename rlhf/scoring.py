@@ -18,7 +18,10 @@ import torch
 
 from rlhf.artifacts import expect_run
 from rlhf.data import pad
-from rlhf.models import ScalarHead, last_token_index, load_model, load_tokenizer, model_dir, position_ids_from_mask
+from rlhf.losses import last_token_index
+from rlhf.models import ScalarHead, load_model, load_tokenizer, model_dir, position_ids_from_mask
+from rlhf.recipes import REWARD_RUNS
+from rlhf.rollout import Generation, decode_responses
 
 STATS_FILE = "reward_stats.json"
 
@@ -32,7 +35,7 @@ def rewards_at_last_token(scalar: ScalarHead, input_ids, attention_mask) -> torc
 class RewardScorer:
     def __init__(self, spec: str, device="cpu", dtype: str = "float32", normalize: bool = False,
                  key: str = "reward_model", trust_remote_code: bool = False):
-        expect_run(spec, {"rm"}, key)
+        expect_run(spec, set(REWARD_RUNS), key)
         self.tokenizer = load_tokenizer(spec, key, trust_remote_code=trust_remote_code)
         model = load_model(spec, key, task="seq_cls", dtype=dtype, trust_remote_code=trust_remote_code,
                            vocab=len(self.tokenizer))
@@ -41,6 +44,18 @@ class RewardScorer:
         self.device = device
         self.stats = read_reward_stats(spec)
         self.normalize = normalize and self.stats is not None
+
+    def same_vocab(self, tokenizer) -> bool:
+        """Whether the reward model reads `tokenizer`'s token ids as they are."""
+        return self.tokenizer.get_vocab() == tokenizer.get_vocab()
+
+    def score_generation(self, gen: Generation, prompts: list[str], tokenizer) -> torch.Tensor:
+        """(B,) scores of generated rows: from the token ids when the vocabularies match, otherwise through text
+        (`prompts` + each row's real response tokens decoded, EOS only where the response ended)."""
+        if self.same_vocab(tokenizer):
+            return self.score_ids(gen.sequences, gen.attention_mask)
+        texts = [p + c for p, c in zip(prompts, decode_responses(tokenizer, gen))]
+        return self(texts, ended=gen.ended.tolist()).to(gen.sequences.device)
 
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

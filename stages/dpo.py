@@ -1,7 +1,7 @@
-"""`dpo` stage: Direct Preference Optimisation (Rafailov et al. 2023), or IPO (Azar et al. 2023).
+"""`dpo` stage: Direct Preference Optimization (Rafailov et al. 2023), or IPO (Azar et al. 2023).
 
 Policy = the starting model + LoRA; reference = the same weights with the adapter disabled (no second
-copy), or a frozen copy in full fine-tuning. With `dpo.precompute_ref` the reference logps of every
+copy), or a frozen copy in full fine-tuning. With `dpdpo.precompute_ref` the reference logps of every
 pair are computed once before training and stored in the run folder (reused on resume), so training
 holds one model. Chosen and rejected rows go through one concatenated forward; logps are summed over
 response tokens (averaged per token for `ipo`).
@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_formats.schemas import parse_preference
 from rlhf import loop
-from rlhf.artifacts import RunFolder, expect_run
-from rlhf.data import collate_pairs, encode_preferences, eval_shard, length_stats, load_split, to_device
+from rlhf.artifacts import RunFolder, check_parents
+from rlhf.data import collate_pairs, eval_shard, load_pairs, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import dpo_loss, masked_sum, sequence_logps
-from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer
+from rlhf.models import count_parameters, load_frozen, load_trainable, reference_model, tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import DPORecipe, derived
@@ -46,39 +45,23 @@ def run(recipe: DPORecipe) -> Path:
     if folder.finished:
         return folder.final
     seed_everything(recipe.seed)
-    m, d, o = recipe.model, recipe.data, recipe.dpo
-    expect_run(m.name_or_path, {"pretrain", "sft", "dpo", "ppo", "export"}, "model.name_or_path")
-    average = o.loss_type == "ipo"  # IPO uses length-normalised logps (Azar et al. 2023)
+    check_parents(recipe)
+    model_section, data, dpo = recipe.model, recipe.data, recipe.dpo
+    average = dpo.loss_type == "ipo"  # IPO uses length-normalized logps (Azar et al. 2023)
 
     # --- data --------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
-                               trust_remote_code=m.trust_remote_code)
-    split = load_split(d, lambda raw, t: parse_preference(raw, t, d.format), recipe.seed)
-    train, train_counts = encode_preferences(split.train, tokenizer, d.max_len, d.max_prompt_len)
-    evals, _ = encode_preferences(split.eval, tokenizer, d.max_len, d.max_prompt_len) if split.eval else ([], {})
-    folder.counts = {**split.counts, **train_counts,
-                     "tokens": length_stats([len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train])}
-    folder.input("model", m.name_or_path)
-    folder.input("data.train", d.train)
-    if d.eval:
-        folder.input("data.eval", d.eval)
-    if o.reference:
-        folder.input("dpo.reference", o.reference)
+    tokenizer = tokenizer_for(model_section)
+    train, evals, folder.counts = load_pairs(data, tokenizer, recipe.seed)
+    for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval),
+                       ("dpo.reference", dpo.reference)):
+        folder.input(name, path)
 
     # --- models: policy (+LoRA) and reference (adapter disabled, or a frozen copy) -------------------
-    load = dict(dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                attn_implementation=m.attn_implementation, vocab=len(tokenizer))
-    model = load_model(m.name_or_path, quantize_4bit=bool(recipe.lora and recipe.lora.quantization == "4bit"),
-                       **load)
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if recipe.lora is not None:
-        model = apply_lora(model, recipe.lora)
+    model = load_trainable(model_section, recipe.lora, tokenizer)
     reference = None  # None: the policy with its adapter disabled is the reference
-    if recipe.lora is None or o.reference is not None:
-        reference = load_model(o.reference or m.name_or_path, "dpo.reference", **load)
-        reference.to(accelerator.device).eval().requires_grad_(False)
+    if recipe.lora is None or dpo.reference is not None:
+        reference = load_frozen(model_section, tokenizer, accelerator.device, spec=dpo.reference,
+                                key="dpo.reference" if dpo.reference else "model.name_or_path")
     trainable, total = count_parameters(model)
 
     steps = loop.total_steps(len(train), recipe.train)
@@ -89,22 +72,14 @@ def run(recipe: DPORecipe) -> Path:
 
     def ref_pass(batch):
         """Reference logps: the frozen copy, or the policy with its adapter switched off."""
-        with torch.no_grad():
-            if reference is not None:
-                c, r, _, _ = pair_logps(reference, batch, average)
-            else:
-                policy = accelerator.unwrap_model(model)
-                was_training = policy.training
-                policy.eval()  # no dropout in the reference
-                with policy.disable_adapter():
-                    c, r, _, _ = pair_logps(policy, batch, average)
-                policy.train(was_training)
+        with reference_model(accelerator.unwrap_model(model), reference) as ref:
+            c, r, _, _ = pair_logps(ref, batch, average)
         return c.float(), r.float()
 
     # --- optional: reference logps of every pair, once, kept in the run folder -----------------------
     ref_cache: dict[str, torch.Tensor] = {}
     precompute_s = 0.0
-    if o.precompute_ref:
+    if dpo.precompute_ref:
         started = time.perf_counter()
         ref_cache = precompute_reference(accelerator, folder.partial / REF_FILE, {"train": train, "eval": evals},
                                          pad_id, recipe.train.micro_batch_size, ref_pass)
@@ -122,13 +97,13 @@ def run(recipe: DPORecipe) -> Path:
                 rr = ref_cache[f"{name}_rejected"][rows].to(pc.device)
             else:
                 rc, rr = ref_pass(batch)
-            loss, stats = dpo_loss(pc.float(), pr.float(), rc, rr, o.beta, o.loss_type, o.label_smoothing)
+            loss, stats = dpo_loss(pc.float(), pr.float(), rc, rr, dpo.beta, dpo.loss_type, dpo.label_smoothing)
             share = len(idx) / den["pairs"]
             loss = loss * share
             stats = {k: v.detach() * share for k, v in stats.items()}
-            if o.sft_coef:
+            if dpo.sft_coef:
                 nll = -masked_sum(chosen_lp.float(), chosen_mask) / den["chosen_tokens"]
-                loss = loss + o.sft_coef * nll
+                loss = loss + dpo.sft_coef * nll
                 stats["loss/sft"] = nll.detach()
             stats["loss/total"] = loss.detach()
             return loss, stats
@@ -147,7 +122,7 @@ def run(recipe: DPORecipe) -> Path:
     metrics = loop.run(accelerator, folder, recipe.train, recipe.seed, model, optimizer, scheduler, task, "dpo")
     metrics["time/precompute_ref_s"] = precompute_s
 
-    info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=m.name_or_path)
+    info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=model_section.name_or_path)
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
                          derived=derived(recipe))
 

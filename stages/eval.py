@@ -1,7 +1,7 @@
 """`eval` stage: compare several models on held-out prompts.
 
 For each model (base, sft, ppo, dpo, ...): gold accuracy of sampled completions (the policy the RL
-stages optimise) and of greedy ones, when prompts carry the task suite's answers; mean reward-model
+stages optimize) and of greedy ones, when prompts carry the task suite's answers; mean reward-model
 score; KL to the reference (the sft model): the mean over prompts of sum_t [log pi(y_t) - log ref(y_t)]
 on the model's own samples (an unbiased estimate of KL(pi || ref) per response); mean response length;
 EOS rate; a few sample completions. Writes `eval.json` and `eval.md`.
@@ -9,19 +9,19 @@ EOS rate; a few sample completions. Writes `eval.json` and `eval.md`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from data_formats.tasks import grade, has_gold
-from rlhf.artifacts import RunFolder, write_json_atomic
+from rlhf.artifacts import RunFolder, check_parents, write_json_atomic
 from rlhf.card import markdown_table
-from rlhf.data import collate_prompts, encode_prompts, read_prompts, to_device
+from rlhf.data import encode_prompts, read_prompts
 from rlhf.forward import response_logprobs
 from rlhf.models import load_model, load_tokenizer
 from rlhf.recipes import EvalRecipe
-from rlhf.sections import GenerateSection
-from rlhf.rollout import decode_responses, generate, row_keys
+from rlhf.rollout import decode_responses, generate_batches, row_keys
 from rlhf.runtime import partial_state, seed_everything
 from rlhf.scoring import load_scorer
 
@@ -31,15 +31,13 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
     """All figures for one model on `prompts` ({'prompt_ids', 'meta', 'prompt'})."""
     correct, scores, kls, lengths, ended, samples = [], [], [], [], [], []
     by_task: dict[str, list[bool]] = {}
-    greedy_correct = []
     gold = [has_gold(p["meta"]) for p in prompts]
     temperature = cfg.temperature or 1.0
-    for start in range(0, len(prompts), cfg.batch_size):
+    ids = [p["prompt_ids"] for p in prompts]
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    keys = row_keys(seed, 0, range(len(prompts)), device)  # every model draws the same per-prompt noise
+    for start, gen in generate_batches(model, ids, cfg, eos_id, pad_id, device, keys):
         chunk = prompts[start:start + cfg.batch_size]
-        batch = to_device(collate_prompts(chunk, tokenizer.pad_token_id), device)
-        keys = row_keys(seed, 0, range(start, start + len(chunk)), device)
-        gen = generate(model, batch["input_ids"], batch["attention_mask"], cfg, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, keys=keys)
         texts = decode_responses(tokenizer, gen)
         mask = gen.response_mask.float()
         lengths += mask.sum(-1).tolist()
@@ -51,23 +49,19 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
             if len(samples) < shown:
                 samples.append({"prompt": p["prompt"], "completion": text})
         if scorer is not None:
-            if scorer.tokenizer.get_vocab() == tokenizer.get_vocab():
-                scores += scorer.score_ids(gen.sequences, gen.attention_mask).tolist()
-            else:
-                scores += scorer([p["prompt"] + t for p, t in zip(chunk, texts)], ended=gen.ended.tolist()).tolist()
+            scores += scorer.score_generation(gen, [p["prompt"] for p in chunk], tokenizer).tolist()
         if reference is not None:
             with torch.no_grad():
                 lp, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature)
                 ref_lp, _ = response_logprobs(reference, gen.sequences, gen.attention_mask, gen.prompt_width,
                                               temperature)
             kls += ((lp - ref_lp) * mask).sum(-1).tolist()
-        if greedy and any(has_gold(p["meta"]) for p in chunk):
-            g = generate(model, batch["input_ids"], batch["attention_mask"], GenerateSection(
-                max_new_tokens=cfg.max_new_tokens, temperature=0.0), tokenizer.eos_token_id, tokenizer.pad_token_id)
-            for p, r, m in zip(chunk, g.responses, g.response_mask):
+    greedy_correct = []
+    if greedy and any(gold):
+        for start, gen in generate_batches(model, ids, replace(cfg, temperature=0.0), eos_id, pad_id, device):
+            for p, text in zip(prompts[start:start + cfg.batch_size], decode_responses(tokenizer, gen)):
                 if has_gold(p["meta"]):
-                    greedy_correct.append(grade(p["meta"], tokenizer.decode(r[m.bool()].tolist(),
-                                                                            skip_special_tokens=True)))
+                    greedy_correct.append(grade(p["meta"], text))
     mean = lambda xs: (sum(xs) / len(xs)) if xs else None  # noqa: E731
     return {"model": name, "prompts": len(prompts), "gold_prompts": sum(gold),
             "gold_accuracy": mean(correct), "gold_accuracy_greedy": mean(greedy_correct),
@@ -82,36 +76,37 @@ def run(recipe: EvalRecipe) -> Path:
     if folder.finished:
         return folder.final
     seed_everything(recipe.seed)
-    e, device = recipe.eval, state.device
-    load = dict(dtype=e.dtype, trust_remote_code=e.trust_remote_code)
+    check_parents(recipe)
+    section, device = recipe.eval, state.device
+    load = dict(dtype=section.dtype, trust_remote_code=section.trust_remote_code)
 
     results = []
     if state.is_main_process:  # evaluation is cheap next to training: one process does it
-        scorer = load_scorer(e.reward_model, device, normalize=False, key="eval.reward_model",
-                             trust_remote_code=e.trust_remote_code) if e.reward_model else None
+        scorer = load_scorer(section.reward_model, device, normalize=False, key="eval.reward_model",
+                             trust_remote_code=section.trust_remote_code) if section.reward_model else None
         reference = None
-        if e.reference:
-            reference = load_model(e.reference, "eval.reference", **load).to(device).eval()
-        for name, spec in e.models.items():
+        if section.reference:
+            reference = load_model(section.reference, "eval.reference", **load).to(device).eval()
+        for name, spec in section.models.items():
             key = f"eval.models.{name}"
-            tokenizer = load_tokenizer(spec, key, pad_token=e.pad_token, trust_remote_code=e.trust_remote_code,
-                                       pad_key="eval.pad_token")
-            records = read_prompts(e.prompts, "eval.prompts", recipe.seed, e.template, "eval.template",
-                                   e.max_prompts)
-            prompts, _ = encode_prompts(records, tokenizer, e.max_prompt_len)
+            tokenizer = load_tokenizer(spec, key, pad_token=section.pad_token,
+                                       trust_remote_code=section.trust_remote_code, pad_key="eval.pad_token")
+            records = read_prompts(section.prompts, "eval.prompts", recipe.seed, section.template, "eval.template",
+                                   section.max_prompts)
+            prompts, _ = encode_prompts(records, tokenizer, section.max_prompt_len)
             model = load_model(spec, key, vocab=len(tokenizer), **load).to(device).eval()
             same_vocab = reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0]
             ref = reference if same_vocab else None  # KL needs the same token ids
             # every model draws the same per-prompt noise (seeded decoder), so differences are the models'
-            result = evaluate_model(name, model, tokenizer, prompts, recipe.generate, device, scorer, ref, e.greedy,
-                                    e.samples_shown, recipe.seed)
+            result = evaluate_model(name, model, tokenizer, prompts, recipe.generate, device, scorer, ref,
+                                    section.greedy, section.samples_shown, recipe.seed)
             results.append(result)
             folder.input(key, spec)
             print(f"eval {name}: gold {result['gold_accuracy']}, greedy {result['gold_accuracy_greedy']}, "
                   f"score {result['reward_score']}, kl {result['kl_to_reference']}, "
                   f"by task {result['gold_accuracy_by_task']}")
             del model
-        folder.input("eval.prompts", e.prompts)
+        folder.input("eval.prompts", section.prompts)
         write_json_atomic(folder.partial / "eval.json", {"results": results})
         lines = ["# Evaluation", "", markdown_table(results), ""]
         for r in results:

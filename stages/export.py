@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from data_formats.templates import load_template
-from rlhf.artifacts import RunFolder, expect_run, read_manifest, write_json_atomic
+from rlhf.artifacts import RunFolder, check_parents, read_manifest, write_json_atomic
 from rlhf.card import inference_template, lineage, model_card
 from rlhf.data import encode_prompts, read_prompts
 from rlhf.errors import UserError
@@ -63,45 +63,45 @@ def run(recipe: ExportRecipe) -> Path:
     folder = RunFolder(recipe, state.is_main_process, state.wait_for_everyone)
     if folder.finished:
         return folder.final
-    x = recipe.export
-    expect_run(recipe.source, {"pretrain", "sft", "rm", "ppo", "dpo"}, "source")
+    export = recipe.export
+    check_parents(recipe)
     model_dir(recipe.source, "source")  # a missing source is a one-line error
     info = model_info(recipe.source, "source")
     causal = info.get("task", "causal_lm") == "causal_lm"
-    tokenizer = load_tokenizer(recipe.source, "source", trust_remote_code=x.trust_remote_code, pad_key="source")
+    tokenizer = load_tokenizer(recipe.source, "source", trust_remote_code=export.trust_remote_code, pad_key="source")
     chain = lineage(recipe.source)
     folder.input("source", recipe.source)
 
     # --- parity prompts --------------------------------------------------------------------------------
-    if x.parity_prompts:
-        records = read_prompts(x.parity_prompts, "export.parity_prompts", recipe.seed)
+    if export.parity_prompts:
+        records = read_prompts(export.parity_prompts, "export.parity_prompts", recipe.seed)
         prompts = [p["prompt_ids"] for p in encode_prompts(records, tokenizer, 256)[0]]
     else:
         template = load_template("alpaca")
         text = inference_template(chain)
         render = (lambda s: text.format(instruction=s)) if text else (lambda s: template.render(s))
         prompts = tokenizer([render(p) for p in BUILTIN_PROMPTS])["input_ids"]
-    prompts = prompts[: x.parity_count]
+    prompts = prompts[: export.parity_count]
 
     # --- 1-3: unmerged reference, float32 merge, cast ------------------------------------------------------
     if info["kind"] == "adapter":
         from peft import PeftModel
 
         base = load_model(info["base"], "source", task=info.get("task", "causal_lm"), dtype="float32",
-                          trust_remote_code=x.trust_remote_code, vocab=len(tokenizer))
+                          trust_remote_code=export.trust_remote_code, vocab=len(tokenizer))
         model = PeftModel.from_pretrained(base, model_dir(recipe.source, "source")[0]).eval()
-        reference = forward_figures(model, tokenizer, prompts, x.parity_new_tokens, causal)
+        reference = forward_figures(model, tokenizer, prompts, export.parity_new_tokens, causal)
         model = model.merge_and_unload()
-        merge_check = compare(reference, forward_figures(model, tokenizer, prompts, x.parity_new_tokens, causal),
+        merge_check = compare(reference, forward_figures(model, tokenizer, prompts, export.parity_new_tokens, causal),
                               TOLERANCE["float32"])
     else:
         model = load_model(recipe.source, "source", task=info.get("task", "causal_lm"), dtype="float32",
-                           trust_remote_code=x.trust_remote_code, vocab=len(tokenizer)).eval()
-        reference = forward_figures(model, tokenizer, prompts, x.parity_new_tokens, causal)
+                           trust_remote_code=export.trust_remote_code, vocab=len(tokenizer)).eval()
+        reference = forward_figures(model, tokenizer, prompts, export.parity_new_tokens, causal)
         merge_check = None
-    model = model.to(DTYPES[x.dtype])
-    cast_check = compare(reference, forward_figures(model, tokenizer, prompts, x.parity_new_tokens, causal),
-                         TOLERANCE[x.dtype])
+    model = model.to(DTYPES[export.dtype])
+    cast_check = compare(reference, forward_figures(model, tokenizer, prompts, export.parity_new_tokens, causal),
+                         TOLERANCE[export.dtype])
     parity = {"prompts": len(prompts), "merge_fp32": merge_check, "cast": cast_check}
     failed = [name for name, c in (("merge", merge_check), ("cast", cast_check)) if c and not c["logits_ok"]]
     if merge_check and merge_check["greedy_match"] < 1.0:
@@ -115,7 +115,7 @@ def run(recipe: ExportRecipe) -> Path:
     if state.is_main_process:
         hf = hf_model(model)
         hf.config.pad_token_id = tokenizer.pad_token_id
-        hf.save_pretrained(str(out), safe_serialization=True, max_shard_size=x.max_shard_size)
+        hf.save_pretrained(str(out), safe_serialization=True, max_shard_size=export.max_shard_size)
         tokenizer.save_pretrained(str(out))
         if causal:
             gen = hf.generation_config
@@ -123,22 +123,22 @@ def run(recipe: ExportRecipe) -> Path:
             gen.bos_token_id = tokenizer.bos_token_id
             gen.save_pretrained(str(out))
         stats = Path(recipe.source) / STATS_FILE
-        if stats.is_file():  # reward models keep their normalisation next to the weights
+        if stats.is_file():  # reward models keep their normalization next to the weights
             shutil.copy(stats, out / STATS_FILE)
         eval_results = _eval_results_for(recipe.source)
-        (out / "README.md").write_text(model_card(chain, {**vars(x), "hub_repo_id": x.hub_repo_id}, parity,
-                                                  eval_results))
+        (out / "README.md").write_text(model_card(chain, vars(export), parity, eval_results))
         verify_model_dir(out, {"kind": "full"})  # shards present, non-empty, finite; config and tokenizer load
     final = folder.finish({"parity/cast_max_abs_logit_diff": cast_check["max_abs_logit_diff"]},
                           extra={"parity": parity, "model_info": {"kind": "full", "task": info.get("task")},
-                                 "lineage": [{k: e.get(k) for k in ("stage", "path", "recipe_sha256")} for e in chain]})
+                                 "lineage": [{k: entry.get(k) for k in ("stage", "path", "recipe_sha256")}
+                                             for entry in chain]})
 
     # --- 5: push (after the local export is complete and intact) ---------------------------------------
-    if x.push_to_hub and state.is_main_process:
+    if export.push_to_hub and state.is_main_process:
         from rlhf.hub import push_folder
 
-        result = push_folder(final / "model", x.hub_repo_id, private=x.private, revision=x.revision,
-                             commit_message=x.commit_message)
+        result = push_folder(final / "model", export.hub_repo_id, private=export.private, revision=export.revision,
+                             commit_message=export.commit_message)
         manifest = read_manifest(final)
         manifest["pushed"] = result
         write_json_atomic(final / "manifest.json", manifest)

@@ -3,7 +3,7 @@
 Reward model = causal-LM backbone + a scalar head read at the last non-pad token of prompt+response.
 Loss (`rlhf.losses.pairwise_loss`): -log sigmoid(r_chosen - r_rejected - margin), optionally plus
 center_coef * (r_chosen + r_rejected)^2; chosen and rejected go through one concatenated forward.
-After training, the scores of the held-out completions fit a mean/std that PPO uses to normalise.
+After training, the scores of the held-out completions fit a mean/std that PPO uses to normalize.
 The saved model is a plain `AutoModelForSequenceClassification` folder (LoRA merged into it).
 """
 
@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-from data_formats.schemas import parse_preference
 from rlhf import loop
-from rlhf.artifacts import RunFolder, expect_run, write_json_atomic
+from rlhf.artifacts import RunFolder, check_parents, write_json_atomic
 from rlhf.checkpoint import SHARDED
-from rlhf.data import collate_pairs, encode_preferences, eval_shard, length_stats, load_split, to_device
+from rlhf.data import collate_pairs, eval_shard, load_pairs, to_device
 from rlhf.errors import UserError
 from rlhf.losses import pairwise_loss
-from rlhf.models import ScalarHead, apply_lora, count_parameters, load_model, load_tokenizer
+from rlhf.models import ScalarHead, count_parameters, load_trainable, tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import RMRecipe, derived
@@ -35,32 +34,17 @@ def run(recipe: RMRecipe) -> Path:
     if folder.finished:
         return folder.final
     seed_everything(recipe.seed)
-    m, d = recipe.model, recipe.data
-    expect_run(m.name_or_path, {"pretrain", "sft", "dpo", "export"}, "model.name_or_path")
+    check_parents(recipe)
+    model_section, data = recipe.model, recipe.data
 
     # --- data --------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
-                               trust_remote_code=m.trust_remote_code)
-    split = load_split(d, lambda raw, t: parse_preference(raw, t, d.format), recipe.seed)
-    train, train_counts = encode_preferences(split.train, tokenizer, d.max_len, d.max_prompt_len)
-    evals, _ = encode_preferences(split.eval, tokenizer, d.max_len, d.max_prompt_len) if split.eval else ([], {})
-    folder.counts = {**split.counts, **train_counts,
-                     "tokens": length_stats([len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in train])}
-    folder.input("model", m.name_or_path)
-    folder.input("data.train", d.train)
-    if d.eval:
-        folder.input("data.eval", d.eval)
+    tokenizer = tokenizer_for(model_section)
+    train, evals, folder.counts = load_pairs(data, tokenizer, recipe.seed)
+    for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval)):
+        folder.input(name, path)
 
     # --- model: backbone + zero-initialised scalar head (always trained) ------------------------------
-    backbone = load_model(m.name_or_path, task="seq_cls", dtype=m.dtype, revision=m.revision,
-                          trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
-                          vocab=len(tokenizer), quantize_4bit=bool(recipe.lora and recipe.lora.quantization == "4bit"))
-    backbone.config.pad_token_id = tokenizer.pad_token_id  # plain HF pooling finds the last non-pad token
-    if m.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.lora is not None:
-        backbone = apply_lora(backbone, recipe.lora, task="seq_cls")
-    model = ScalarHead(backbone)
+    model = ScalarHead(load_trainable(model_section, recipe.lora, tokenizer, task="seq_cls"))
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         print(f"rm: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trained, "
@@ -100,7 +84,7 @@ def run(recipe: RMRecipe) -> Path:
         progress=("loss/pairwise", "rewards/accuracy"))
     metrics = loop.run(accelerator, folder, recipe.train, recipe.seed, model, optimizer, scheduler, task, "rm")
 
-    # --- reward normalisation: mean/std of scores on held-out (or training) completions -------------
+    # --- reward normalization: mean/std of scores on held-out (or training) completions -------------
     pairs = evals if (recipe.rm.norm_split == "eval" and evals) else train
     stats = fit_reward_stats(accelerator, model, pairs, pad_id, recipe.train.micro_batch_size)
     stats["fitted_on"] = "eval" if pairs is evals else "train"

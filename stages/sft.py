@@ -12,11 +12,11 @@ from pathlib import Path
 
 from data_formats.schemas import parse_alpaca
 from rlhf import loop
-from rlhf.artifacts import RunFolder, expect_run
+from rlhf.artifacts import RunFolder, check_parents
 from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer
+from rlhf.models import count_parameters, load_trainable, tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import SFTRecipe, derived
@@ -35,34 +35,22 @@ def run(recipe: SFTRecipe) -> Path:
     if folder.finished:
         return folder.final
     seed_everything(recipe.seed)
-    m = recipe.model
-    expect_run(m.name_or_path, {"pretrain", "sft", "dpo", "ppo", "export"}, "model.name_or_path")
+    check_parents(recipe)
+    model_section, data, lora = recipe.model, recipe.data, recipe.lora
 
     # --- data --------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
-                               trust_remote_code=m.trust_remote_code)
-    split = load_split(recipe.data, parse_alpaca, recipe.seed)
-    encode = dict(max_len=recipe.data.max_len, train_on_prompt=recipe.data.train_on_prompt,
-                  max_prompt_len=recipe.data.max_prompt_len)
+    tokenizer = tokenizer_for(model_section)
+    split = load_split(data, parse_alpaca, recipe.seed)
+    encode = dict(max_len=data.max_len, train_on_prompt=data.train_on_prompt, max_prompt_len=data.max_prompt_len)
     train, train_counts = encode_sft(split.train, tokenizer, **encode)
     evals, eval_counts = encode_sft(split.eval, tokenizer, **encode) if split.eval else ([], {})
     folder.counts = {**split.counts, **train_counts, "eval_dropped_too_long": eval_counts.get("dropped_too_long", 0),
                      "tokens": length_stats([len(e["input_ids"]) for e in train])}
-    folder.input("model", m.name_or_path)
-    folder.input("data.train", recipe.data.train)
-    if recipe.data.eval:
-        folder.input("data.eval", recipe.data.eval)
+    for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval)):
+        folder.input(name, path)
 
     # --- model -------------------------------------------------------------------------------------
-    lora = recipe.lora
-    model = load_model(m.name_or_path, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                       attn_implementation=m.attn_implementation, vocab=len(tokenizer),
-                       quantize_4bit=bool(lora and lora.quantization == "4bit"))
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if lora is not None:
-        model = apply_lora(model, lora)
+    model = load_trainable(model_section, lora, tokenizer)
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         print(f"sft: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trained "
@@ -72,7 +60,7 @@ def run(recipe: SFTRecipe) -> Path:
     optimizer = build_optimizer(model.parameters(), recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    pad_id, packing = tokenizer.pad_token_id, recipe.data.packing
+    pad_id, packing = tokenizer.pad_token_id, data.packing
 
     # --- loss: response-token NLL, summed, divided by the step's global count of trained tokens -----
     def make_loss(examples):
@@ -85,7 +73,7 @@ def run(recipe: SFTRecipe) -> Path:
         return micro_loss
 
     def save_best():
-        save_model(accelerator, model, tokenizer, folder.partial / "best", base=m.name_or_path)
+        save_model(accelerator, model, tokenizer, folder.partial / "best", base=model_section.name_or_path)
 
     task = loop.Task(
         n_train=len(train), lengths=[len(e["input_ids"]) for e in train],
@@ -98,7 +86,7 @@ def run(recipe: SFTRecipe) -> Path:
     metrics = loop.run(accelerator, folder, recipe.train, recipe.seed, model, optimizer, scheduler, task, "sft")
 
     # --- artifact: adapter (or full model) + tokenizer, and a sample table --------------------------
-    info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=m.name_or_path)
+    info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=model_section.name_or_path)
     if recipe.samples:
         # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
         records = (split.eval or split.train)[: recipe.samples]

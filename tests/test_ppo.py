@@ -1,5 +1,5 @@
 """PPO: the roles' setup (train mode, checkpointing, dropout), logprob/value alignment, the reference at
-the start, early stopping on target_kl, the over-optimisation monitor, full fine-tuning and an actor-
+the start, early stopping on target_kl, the over-optimization monitor, full fine-tuning and an actor-
 initialised critic, recipe refusals, the reward model's view of decoded text, multi-process generation
 and gold evaluation, and the RNG state of checkpoints."""
 
@@ -21,9 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rlhf import checkpoint
 from rlhf.cli import main
 from rlhf.forward import response_logprobs
-from rlhf.models import ScalarHead, apply_lora, hf_model, load_tokenizer
-from rlhf.monitor import OverOptimisationMonitor
-from rlhf.ppo import critic_values, disable_dropout, filtered_sampling_warning, load_roles
+from rlhf.models import ScalarHead, apply_lora, disable_dropout, hf_model, load_tokenizer
+from rlhf.monitor import OverOptimizationMonitor
+from rlhf.ppo import critic_values, filtered_sampling_warning, load_roles
 from rlhf.recipes import load_recipe
 from rlhf.sections import GenerateSection, LoraSection, PromptData
 from rlhf.rollout import Generation, decode_responses
@@ -55,7 +55,7 @@ def test_actor_and_critic_train_in_train_mode_with_checkpointing(chain, lora):
     for model in (roles.actor, roles.critic.model):
         layers = decoder_layers(model)
         assert layers and all(layer.training and layer.gradient_checkpointing for layer in layers)
-    assert not roles.reward.model.training and (roles.reference is None) == (lora == "lora")
+    assert not roles.scorer.model.training and (roles.reference is None) == (lora == "lora")
     if roles.reference is not None:
         assert not roles.reference.training
     # checkpointing really happens: the backward pass runs the layers again (up to the last saved tensor)
@@ -259,11 +259,11 @@ def test_text_scores_append_eos_only_to_responses_that_ended(chain):
     assert torch.allclose(scorer([text]), ended, atol=1e-6)  # finished texts (no flags): EOS appended
 
 
-# --- the over-optimisation monitor ---------------------------------------------------------------------------
+# --- the over-optimization monitor ---------------------------------------------------------------------------
 
 
 def test_monitor_warns_on_proxy_up_gold_down_and_on_kl_over_budget():
-    monitor = OverOptimisationMonitor(kl_budget=6.0, tolerance=0.02)
+    monitor = OverOptimizationMonitor(kl_budget=6.0, tolerance=0.02)
     assert monitor.check(0, {"gold/accuracy": 0.5, "gold/proxy_score": 0.1}, 0.0) == []  # the baseline
     assert monitor.check(1, {"gold/accuracy": 0.49, "gold/proxy_score": 0.3}, 1.0) == []  # within tolerance
     (warning,) = monitor.check(2, {"gold/accuracy": 0.40, "gold/proxy_score": 0.5}, 1.0)
@@ -272,7 +272,7 @@ def test_monitor_warns_on_proxy_up_gold_down_and_on_kl_over_budget():
     assert monitor.check(4, {"gold/accuracy": 0.45, "gold/proxy_score": 0.6}, 1.0) == []  # both rose
     (kl,) = monitor.check(5, {}, 7.5)
     assert "KL 7.50 nats is over the budget 6" in kl
-    restored = OverOptimisationMonitor(kl_budget=6.0)
+    restored = OverOptimizationMonitor(kl_budget=6.0)
     restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
     assert restored.last == monitor.last == {"gold": 0.45, "proxy": 0.6}
     assert len(restored.check(6, {"gold/accuracy": 0.1, "gold/proxy_score": 0.9}, 0.0)) == 1

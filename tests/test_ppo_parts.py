@@ -77,3 +77,45 @@ def test_kl_controllers():
     restored = AdaptiveKLController(0.5, 6.0, 10000)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value
+
+
+def test_rollout_metrics_means_and_explained_variance():
+    from accelerate import Accelerator
+
+    from rlhf.ppo import Experience, rollout_metrics
+
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    values = torch.tensor([[1.0, 2.0, 2.0], [4.0, 6.0, 0.0]])  # residuals 0, 0, 1, 0, -1
+    zeros = torch.zeros(2, 3)
+    exp = Experience(sequences=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5), prompt_width=2,
+                     response_mask=mask, ended=torch.tensor([True, False]), raw_scores=torch.tensor([1.0, 3.0]),
+                     scores=torch.tensor([0.0, 2.0]), old_logprobs=zeros, ref_logprobs=zeros, old_values=values,
+                     entropy=mask * 0.5, kl=torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]]), rewards=zeros,
+                     advantages=zeros, returns=returns)
+    out = rollout_metrics(Accelerator(cpu=True), exp, kl_coef=0.1, rows_global=2, generate_s=0.5)
+    # explained variance over the 5 real tokens, with population variances: 1 - Var[R - V] / Var[R]
+    real = mask.bool()
+    expected = 1 - (returns - values)[real].var(unbiased=False) / returns[real].var(unbiased=False)
+    assert abs(out["value/explained_var"] - expected.item()) < 1e-6
+    assert abs(out["objective/kl"] - 0.75) < 1e-6  # (0.6 + 0.9) / 2: the padded 9.0 does not count
+    assert abs(out["objective/non_score_reward"] + 0.075) < 1e-6
+    assert out["objective/score"] == 2.0 and out["objective/score_shaped"] == 1.0
+    assert out["response/length"] == 2.5 and out["response/eos_rate"] == 0.5 and out["objective/entropy"] == 0.5
+    assert out["perf/generate_tokens_per_s"] == 10.0
+
+
+def test_micro_batch_sets_the_accumulation_boundary_flag():
+    """DeepSpeed's engine steps inside `backward` whenever accelerate's sync_gradients flag is set: every
+    micro-batch but the last must clear it (through accelerate's public setter)."""
+    from accelerate import Accelerator
+
+    from rlhf.runtime import micro_batch
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 1)
+    seen = []
+    for i in range(3):
+        with micro_batch(accelerator, [model], last=i == 2):
+            seen.append(accelerator.sync_gradients)
+    assert seen == [False, False, True]
