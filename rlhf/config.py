@@ -167,7 +167,10 @@ def build(cls: type, data: dict | None, where: str, prefix: str = "") -> Any:
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = getattr(cls, "RENAMED", {})
     for name in data:
+        if name in renamed:
+            raise RecipeError(f"renamed to '{_join(prefix, renamed[name])}'", where, _join(prefix, str(name)))
         if name not in fields:
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"

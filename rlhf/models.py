@@ -23,6 +23,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from rlhf.artifacts import read_manifest
 from rlhf.errors import UserError
 
+# mean/std of a scalar model's outputs, kept next to its weights: normalized = (output - mean) / std
+STATS_FILE = "reward_stats.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 DEFAULT_PAD = "<|pad|>"
 
@@ -249,19 +251,29 @@ def hf_model(model: nn.Module) -> nn.Module:
 class ScalarHead(nn.Module):
     """Backbone + linear head: one float32 number per token (reward model and critic).
 
-    Wraps a (peft-wrapped or plain) sequence-classification model so that DDP sees one forward.
+    Wraps a (peft-wrapped or plain) sequence-classification model so that DDP sees one forward. `bias=True`
+    adds a trainable float32 offset to every output: a critic needs one (most sequence-classification heads
+    have no bias), e.g. to start on the normalized reward scale (`rlhf.ppo.fold_normalization`).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, bias: bool = False):
         super().__init__()
         self.model = model
+        self.bias = nn.Parameter(torch.zeros((), dtype=torch.float32)) if bias else None
 
     def forward(self, input_ids, attention_mask, position_ids=None):  # (B, T) -> (B, T)
         hf = hf_model(self.model)
         backbone = getattr(hf, hf.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state  # (B, T, H)
-        return hf.score(hidden).squeeze(-1).float()
+        out = hf.score(hidden).squeeze(-1).float()
+        return out + self.bias if self.bias is not None else out
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The linear head of a sequence-classification model (the trained copy inside peft's modules_to_save)."""
+    head = hf_model(model).score
+    return head.modules_to_save[head.active_adapter] if hasattr(head, "modules_to_save") else head
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -314,7 +326,33 @@ def load_trainable(model_section, lora_section, tokenizer, task: str = "causal_l
     model.config.use_cache = False
     if lora_section is not None:
         model = apply_lora(model, lora_section, task)
+    keep_float32(model, "all" if lora_section is not None else "heads")
     return model
+
+
+def keep_float32(model: nn.Module, which: str = "all") -> None:
+    """Trained weights stay float32 whatever `model.dtype` is: an AdamW step of 1e-5 on a bfloat16 weight of
+    ~0.004 rounds away. `which='all'`: every trainable module that is not LoRA's (scalar heads,
+    `lora.modules_to_save`; peft keeps LoRA weights in float32 itself); 'heads': the scalar head only (full
+    fine-tuning trains everything in `model.dtype`, by choice). A module made float32 computes in float32 (its
+    inputs are cast); its output goes back to its old dtype for the layers after it, except a head's (`score`,
+    `lm_head`), whose float32 output is the result."""
+    for name, module in model.named_modules():
+        head = any(part in ("score", "lm_head") for part in name.split("."))
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own or "lora_" in name or (which == "heads" and not head) or \
+                all(p.dtype == torch.float32 for p in own):
+            continue
+        dtype = own[0].dtype
+        module.float()
+        module.register_forward_pre_hook(_cast_inputs)
+        if not head:
+            module.register_forward_hook(lambda _module, _inputs, out, dtype=dtype: out.to(dtype))
+
+
+def _cast_inputs(module: nn.Module, inputs: tuple) -> tuple:
+    dtype = next(module.parameters()).dtype
+    return tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs)
 
 
 def load_frozen(model_section, tokenizer, device, spec: str | None = None, key: str = "model.name_or_path",

@@ -77,7 +77,7 @@ class OverOptimizationMonitor:
                                 f"accuracy fell {self.last['gold']:.3f} -> {gold:.3f} (over-optimization?)")
         if kl > self.kl_budget:
             warnings.append(f"step {step}: KL {kl:.2f} nats is over the budget {self.kl_budget:g} "
-                            f"(ppo.kl_target); raise ppo.kl_coef or use kl_control: adaptive")
+                            f"(ppo.kl_budget); raise ppo.kl_coef or use kl_control: adaptive")
         if gold is not None and proxy is not None:
             self.last = {"gold": gold, "proxy": proxy}
         return warnings

@@ -15,8 +15,10 @@ from accelerate.utils import DistributedType
 from rlhf.errors import UserError
 from rlhf.forward import response_logprobs
 from rlhf.losses import masked_mean, ppo_policy_loss, ppo_value_loss
+from rlhf.data import plan_batches
 from rlhf.models import (ScalarHead, count_parameters, disable_dropout, load_frozen, load_trainable, module_bytes,
-                         position_ids_from_mask, reference_model)
+                         position_ids_from_mask, reference_model, score_head)
+from rlhf.rollout import generate_batches, row_keys
 from rlhf.optim import build_optimizer, build_scheduler, optimizer_step
 from rlhf.runtime import global_sum, global_sums, micro_batch
 from rlhf.scoring import RewardScorer, load_scorer
@@ -45,8 +47,7 @@ def load_roles(recipe, tokenizer, device) -> Roles:
     model_section, ppo, lora = recipe.model, recipe.ppo, recipe.lora
     actor = load_trainable(model_section, lora, tokenizer)
     reference = load_frozen(model_section, tokenizer, device) if lora is None else None
-    scorer = load_scorer(ppo.reward_model, device, dtype=model_section.dtype, normalize=ppo.normalize_reward,
-                         key="ppo.reward_model")
+    scorer = load_scorer(ppo.reward_model, device, dtype=model_section.dtype, key="ppo.reward_model")
     if ppo.critic_init == "reward":
         if not scorer.same_vocab(tokenizer):
             raise UserError("the reward model's tokenizer differs from the actor's; the critic cannot start from "
@@ -54,13 +55,61 @@ def load_roles(recipe, tokenizer, device) -> Roles:
         critic = load_trainable(model_section, lora, tokenizer, "seq_cls", ppo.reward_model, "ppo.reward_model")
     else:
         critic = load_trainable(model_section, lora, tokenizer, "seq_cls")
-    critic = ScalarHead(critic)
+    critic = ScalarHead(critic, bias=True)
     disable_dropout(actor, critic, scorer.model, *([reference] if reference is not None else []))
     # from_pretrained returns eval mode, and HF layers recompute activations (gradient checkpointing) only
     # in train mode; with dropout off, train mode changes nothing else. Generation switches to eval itself.
     actor.train()
     critic.train()
     return Roles(actor, critic, reference, scorer)
+
+
+def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], generate, tokenizer, seed: int
+                    ) -> dict | None:
+    """The mean/std that normalize reward-model scores in this run (None: `ppo.normalize_reward` is off).
+
+    `ppo.reward_stats: rm_data`: what the rm stage stored (fitted on its held-out completions). `policy`: measured
+    on the starting policy's own samples before any update, as lm-human-preferences does (Ziegler et al. 2019),
+    so that its normalized scores have mean 0 and std 1 and `kl_coef`, `missing_eos_penalty` and `reward_clip`
+    mean the same for any reward model: the first `ppo.reward_stats_prompts` prompts of the first epoch's order
+    (default: the first rollout batch, sampled with that rollout's noise), sharded over the processes."""
+    if not ppo.normalize_reward:
+        return None
+    if ppo.reward_stats == "rm_data":
+        if scorer.stored_stats is None:
+            raise UserError(f"{ppo.reward_model} stores no mean/std of its scores (it is not an rm run); set "
+                            "ppo.reward_stats: policy to measure them, or ppo.normalize_reward: false", None,
+                            "ppo.reward_stats")
+        return dict(scorer.stored_stats)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    count = min(ppo.reward_stats_prompts or ppo.rollout_batch_size, len(prompts))
+    shard = -(-count // world)
+    mine = (plan_batches(len(prompts), count, shard, rank, world, seed, 0, 0) or [[]])[0]
+    raw = [torch.zeros(0, device=accelerator.device)]
+    for start, gen in generate_batches(policy, [prompts[i]["prompt_ids"] for i in mine], generate,
+                                       tokenizer.eos_token_id, tokenizer.pad_token_id, accelerator.device,
+                                       row_keys(seed, 0, mine, accelerator.device), synced=True,
+                                       min_batches=-(-shard // generate.batch_size)):
+        chunk = mine[start:start + generate.batch_size]  # empty for a synced placeholder call
+        raw.append(scorer.score_generation(gen, [prompts[i]["prompt"] for i in chunk], tokenizer)[:len(chunk)])
+    raw = torch.cat(raw).float()
+    total = global_sums(accelerator, {"n": raw.numel(), "sum": raw.sum(), "sq": (raw ** 2).sum()})
+    mean = total["sum"] / max(total["n"], 1.0)
+    std = math.sqrt(max(total["sq"] / max(total["n"], 1.0) - mean ** 2, 1e-12))
+    return {"mean": mean, "std": max(std, 1e-6), "count": int(total["n"]), "fitted_on": "policy"}
+
+
+def fold_normalization(critic: ScalarHead, mean: float, std: float) -> None:
+    """Put a critic copied from the reward model on the normalized reward scale before any update:
+    critic(x) = (RM(x) - mean) / std at every token, the head's weight (and bias) divided by std and the offset
+    -mean / std in the critic's own bias (most heads have none). Otherwise the critic starts off by a constant
+    that the clipped value loss takes many iterations to remove, biasing the last token's advantage."""
+    head = score_head(critic.model)
+    with torch.no_grad():
+        head.weight.div_(std)
+        if getattr(head, "bias", None) is not None:
+            head.bias.div_(std)
+        critic.bias.fill_(-mean / std)
 
 
 def iterations_of(n_prompts: int, ppo, train) -> int:
@@ -203,7 +252,7 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
 
     loss = L_clip + vf_coef * L_V - entropy_coef * H, each a token mean over the global minibatch; logprobs at
     the rollout's `temperature`. Stops the epochs early when the minibatch approx-KL (global mean) exceeds
-    `ppo.target_kl`.
+    `ppo.early_stop_kl`.
     """
     world, rows_total, response_mask = accelerator.num_processes, exp.sequences.shape[0], exp.response_mask
     minibatches, micro = rows_total * world // train.batch_size, train.micro_batch_size
@@ -258,9 +307,9 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
                 same_everywhere[f"{name}/grad_norm"] = same_everywhere.get(f"{name}/grad_norm", 0.0) + \
                     out[f"{name}/grad_norm"]
             updates += 1
-        if ppo.target_kl is not None:
+        if ppo.early_stop_kl is not None:
             kl_now = float(global_sum(accelerator, epoch_kl)) / minibatches
-            if kl_now > ppo.target_kl:
+            if kl_now > ppo.early_stop_kl:
                 break
     out = {k: v / updates for k, v in global_sums(accelerator, sums).items()}
     out["policy/ratio_clamped"] = out["policy/ratio_clamped"] * updates  # a count over the whole update

@@ -188,6 +188,10 @@ def check_derived(recipe, processes: int) -> None:
     if ppo is not None and ppo.rollout_batch_size % processes:
         raise RecipeError(f"{ppo.rollout_batch_size} is not divisible by {processes} processes",
                           key="ppo.rollout_batch_size")
+    if ppo is not None and recipe.generate.temperature == 0:
+        raise RecipeError("PPO needs sampled rollouts: greedy decoding picks tokens the policy did not sample, so "
+                          "ratios, KL and the policy gradient would be biased; use a temperature > 0 (greedy stays "
+                          "fine in eval and sample tables)", key="generate.temperature")
     if ppo is not None and train.mixed_precision == "fp16":
         raise RecipeError("PPO steps two optimizers (actor, critic) and fp16 loss scaling has one grad scaler; "
                           "use bf16 or no", key="train.mixed_precision")

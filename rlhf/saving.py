@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from rlhf.models import ScalarHead, hf_model, model_dir
+from rlhf.artifacts import write_json_atomic
+from rlhf.models import STATS_FILE, ScalarHead, hf_model, model_dir
 
 def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str | None = None) -> dict:
     """Write `path` as an HF folder: a peft adapter (its `base_model_name_or_path` = `base`) or a full
@@ -27,9 +28,12 @@ def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str |
     state = None
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         state = accelerator.get_state_dict(model)  # gathered full weights (collective)
+    offset = None
     if isinstance(unwrapped, ScalarHead):
+        offset = float(unwrapped.bias.detach()) if unwrapped.bias is not None else None
         unwrapped = unwrapped.model
-        state = {k[len("model."):]: v for k, v in state.items()} if state is not None else None
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} if state is not None \
+            else None
     is_adapter = hasattr(unwrapped, "peft_config")
     hf = hf_model(unwrapped)
     task = "seq_cls" if hasattr(hf, "score") and not hasattr(hf, "lm_head") else "causal_lm"
@@ -59,6 +63,8 @@ def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str |
             finally:
                 hf.config.use_cache = use_cache
         tokenizer.save_pretrained(str(path))
+        if offset:  # plain transformers computes the head without it: value = output - mean, as a reward model's
+            write_json_atomic(path / STATS_FILE, {"mean": -offset, "std": 1.0, "fitted_on": "critic output offset"})
         gen = getattr(hf, "generation_config", None)
         if task == "causal_lm" and gen is not None:
             gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id

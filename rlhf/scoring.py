@@ -19,11 +19,10 @@ import torch
 from rlhf.artifacts import expect_run
 from rlhf.data import pad
 from rlhf.losses import last_token_index
-from rlhf.models import ScalarHead, load_model, load_tokenizer, model_dir, position_ids_from_mask
+from rlhf.models import STATS_FILE, ScalarHead, load_model, load_tokenizer, model_dir, position_ids_from_mask
 from rlhf.recipes import REWARD_RUNS
 from rlhf.rollout import Generation, decode_responses
 
-STATS_FILE = "reward_stats.json"
 
 
 def rewards_at_last_token(scalar: ScalarHead, input_ids, attention_mask) -> torch.Tensor:
@@ -42,8 +41,12 @@ class RewardScorer:
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = ScalarHead(model).to(device).eval().requires_grad_(False)
         self.device = device
-        self.stats = read_reward_stats(spec)
-        self.normalize = normalize and self.stats is not None
+        self.stored_stats = read_reward_stats(spec)  # what the rm stage fitted (None for other models)
+        self.stats = self.stored_stats if normalize else None  # in use: scores are (score - mean) / std
+
+    def use_stats(self, stats: dict | None) -> None:
+        """Normalize scores with these mean/std from now on (None: raw scores)."""
+        self.stats = stats
 
     def same_vocab(self, tokenizer) -> bool:
         """Whether the reward model reads `tokenizer`'s token ids as they are."""
@@ -60,7 +63,7 @@ class RewardScorer:
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             scores = rewards_at_last_token(self.model, input_ids.to(self.device), attention_mask.to(self.device))
-        if self.normalize:
+        if self.stats is not None:
             scores = (scores - self.stats["mean"]) / self.stats["std"]
         return scores
 

@@ -24,7 +24,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 class ModelSection:
     name_or_path: str = req("starting checkpoint: a run folder of an earlier stage, a local HF folder or a hub id")
     revision: Optional[str] = opt(None, "hub revision (branch, tag or commit) when name_or_path is a hub id")
-    dtype: Dtype = opt("float32", "dtype the weights are loaded in (trainable LoRA weights always stay float32)")
+    dtype: Dtype = opt("float32", "dtype the weights are loaded in; trained LoRA weights, scalar heads and "
+                                  "lora.modules_to_save always stay float32")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run; off unless you trust the repo")
     pad_token: Optional[str] = opt(None, "pad token to add when the tokenizer has none or pads with EOS")
     attn_implementation: Optional[str] = opt(None, "'sdpa', 'eager' or 'flash_attention_2'; null = default")
@@ -175,6 +176,8 @@ class RMSection:
 
 @dataclass(kw_only=True)
 class PPOSection:
+    RENAMED = {"kl_target": "kl_budget", "target_kl": "early_stop_kl"}  # old keys: one-line errors naming the new
+
     reward_model: str = req("an `rm` run folder (or HF sequence-classification model) scoring prompt+response")
     rollout_batch_size: int = opt(64, "prompts sampled per iteration over all processes", gt=0)
     ppo_epochs: int = opt(4, "passes (K) over each rollout batch", gt=0)
@@ -186,12 +189,19 @@ class PPOSection:
     entropy_coef: float = opt(0.0, "entropy bonus weight", ge=0)
     kl_coef: float = opt(0.05, "initial per-token KL penalty weight", ge=0)
     kl_estimator: Literal["k1", "k3"] = opt("k1", "per-token KL estimator in the reward")
-    kl_control: Literal["fixed", "adaptive"] = opt("fixed", "keep kl_coef fixed or adapt it towards kl_target")
-    kl_target: float = opt(6.0, "adaptive control: target KL per response (nats)", gt=0)
+    kl_control: Literal["fixed", "adaptive"] = opt("fixed", "keep kl_coef fixed or adapt it towards kl_budget")
+    kl_budget: float = opt(6.0, "KL per response (nats) the run may spend: the adaptive controller's target, and "
+                                "the over-optimization monitor warns above it", gt=0)
     kl_horizon: int = opt(10000, "adaptive control: horizon in episodes", gt=0)
-    target_kl: Optional[float] = opt(None, "stop the K epochs early when approx KL exceeds this", gt=0)
+    early_stop_kl: Optional[float] = opt(None, "stop an iteration's K update epochs early when the minibatch approx "
+                                               "KL (policy vs. rollout policy) exceeds this", gt=0)
     whiten_advantages: bool = opt(True, "whiten advantages over the (global) batch")
-    normalize_reward: bool = opt(True, "use the rm stage's stored mean/std to normalize scores")
+    normalize_reward: bool = opt(True, "normalize reward-model scores to mean 0, std 1 (statistics: reward_stats)")
+    reward_stats: Literal["rm_data", "policy"] = opt(
+        "rm_data", "where the normalizing mean/std come from: rm_data = stored by the rm stage (its held-out "
+                   "completions); policy = measured on the starting policy's own samples before the first update")
+    reward_stats_prompts: Optional[int] = opt(None, "reward_stats: policy: prompts sampled to measure them "
+                                                    "(null = the first rollout batch)", gt=1)
     reward_clip: Optional[float] = opt(10.0, "clip (normalized) scores to +-this", gt=0)
     missing_eos_penalty: Optional[float] = opt(1.0, "subtracted from the score of responses without EOS", ge=0)
     critic_init: Literal["reward", "actor"] = opt("reward", "critic backbone: the reward model or the SFT model")
@@ -209,6 +219,8 @@ class DPOSection:
     label_smoothing: float = opt(0.0, "conservative DPO: assumed label-flip probability", ge=0, lt=0.5)
     sft_coef: float = opt(0.0, "weight of an SFT (NLL per token) term on chosen responses", ge=0)
     precompute_ref: bool = opt(False, "compute reference logps once before training (one model in memory)")
+    disable_dropout: bool = opt(True, "dropout off in the policy (model and LoRA), as in the reference: the "
+                                      "log-ratios compare the same deterministic functions")
     reference: Optional[str] = opt(None, "reference model; null = the policy's starting model")
 
     def validate(self) -> None:

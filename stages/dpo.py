@@ -20,7 +20,8 @@ from rlhf.artifacts import RunFolder, check_parents
 from rlhf.data import collate_pairs, eval_shard, load_pairs, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import dpo_loss, masked_sum, sequence_logps
-from rlhf.models import count_parameters, load_frozen, load_trainable, reference_model, tokenizer_for
+from rlhf.models import (count_parameters, disable_dropout, load_frozen, load_trainable, reference_model,
+                         tokenizer_for)
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import DPORecipe, derived
@@ -62,6 +63,8 @@ def run(recipe: DPORecipe) -> Path:
     if recipe.lora is None or dpo.reference is not None:
         reference = load_frozen(model_section, tokenizer, accelerator.device, spec=dpo.reference,
                                 key="dpo.reference" if dpo.reference else "model.name_or_path")
+    if dpo.disable_dropout:  # the reference runs without dropout (eval mode): the policy must match it
+        disable_dropout(model)
     trainable, total = count_parameters(model)
 
     steps = loop.total_steps(len(train), recipe.train)

@@ -21,11 +21,10 @@ from rlhf.artifacts import RunFolder, check_parents, read_manifest, write_json_a
 from rlhf.card import inference_template, lineage, model_card
 from rlhf.data import encode_prompts, read_prompts
 from rlhf.errors import UserError
-from rlhf.models import DTYPES, hf_model, load_model, load_tokenizer, model_dir, model_info
+from rlhf.models import DTYPES, STATS_FILE, hf_model, load_model, load_tokenizer, model_dir, model_info
 from rlhf.runtime import partial_state
 from rlhf.saving import verify_model_dir
 from rlhf.recipes import ExportRecipe
-from rlhf.scoring import STATS_FILE
 
 # max |logit difference| allowed, relative to max(1, max |logit|): merge in float32, then the cast
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}

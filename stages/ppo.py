@@ -28,9 +28,9 @@ from rlhf.losses import gae, kl_penalized_rewards, masked_whiten, per_token_kl
 from rlhf.models import tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
-from rlhf.ppo import (Experience, check_launch, filtered_sampling_warning, global_whiten_stats, iterations_of,
-                      load_roles, memory_report, no_grad_passes, prepare_training, rollout_metrics, shape_scores,
-                      update)
+from rlhf.ppo import (Experience, check_launch, filtered_sampling_warning, fold_normalization, global_whiten_stats,
+                      iterations_of, load_roles, memory_report, no_grad_passes, prepare_training, reward_stats_of,
+                      rollout_metrics, shape_scores, update)
 from rlhf.recipes import PPORecipe, derived
 from rlhf.rollout import row_keys, sample
 from rlhf.runtime import make_accelerator, seed_everything
@@ -68,15 +68,21 @@ def run(recipe: PPORecipe) -> Path:
     iterations = iterations_of(len(prompts), ppo, train)
     actor, critic, optimizers, schedulers = prepare_training(accelerator, roles, ppo, train, iterations)
     policy = accelerator.unwrap_model(actor)
-    kl_ctl = KL_CONTROLLERS[ppo.kl_control](ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
-    monitor, guard = OverOptimizationMonitor(ppo.kl_target), StepGuard(train)
+    kl_ctl = KL_CONTROLLERS[ppo.kl_control](ppo.kl_coef, ppo.kl_budget, ppo.kl_horizon)
+    monitor, guard = OverOptimizationMonitor(ppo.kl_budget), StepGuard(train)
     scaffold = Scaffold(accelerator, folder, train, iterations, "ppo", {"actor": actor, "critic": critic}, optimizers,
                         schedulers, {"kl_controller": kl_ctl, "monitor": monitor, "guard": guard}, unit="iteration")
+    if scaffold.step == 0:  # a fresh run: the statistics that normalize scores, and the critic on their scale
+        stats = scaffold.state["reward_stats"] = reward_stats_of(accelerator, ppo, roles.scorer, policy, prompts,
+                                                                 generate, tokenizer, recipe.seed)
+        if stats and ppo.critic_init == "reward":
+            fold_normalization(accelerator.unwrap_model(critic), stats["mean"], stats["std"])
+    roles.scorer.use_stats(scaffold.state["reward_stats"])
     gold = partial(gold_check, accelerator, policy, tokenizer, gold_prompts, generate, roles.scorer, recipe.seed,
                    monitor)
     if gold_prompts and scaffold.step == 0:
         scaffold.log(0, gold(0, 0.0))  # the starting policy: the baseline the monitor compares against
-    temperature = generate.temperature or 1.0  # logprobs use the sampling temperature (greedy rollouts: 1)
+    temperature = generate.temperature  # logprobs at the sampling temperature (greedy PPO is refused at load)
     per_rank, per_epoch = ppo.rollout_batch_size // world, len(prompts) // ppo.rollout_batch_size
 
     for it in scaffold.steps():
@@ -137,4 +143,5 @@ def run(recipe: PPORecipe) -> Path:
                              base=ppo.reward_model if ppo.critic_init == "reward" else model_section.name_or_path)
     final["train/iterations"] = iterations
     return folder.finish(final, extra={"model_info": info, "critic_info": critic_info,
-                                       "kl_controller": kl_ctl.state_dict()}, derived=derived(recipe))
+                                       "kl_controller": kl_ctl.state_dict(),
+                                       "reward_stats": scaffold.state["reward_stats"]}, derived=derived(recipe))

@@ -20,12 +20,12 @@ from rlhf.checkpoint import SHARDED
 from rlhf.data import collate_pairs, eval_shard, load_pairs, to_device
 from rlhf.errors import UserError
 from rlhf.losses import pairwise_loss
-from rlhf.models import ScalarHead, count_parameters, load_trainable, tokenizer_for
+from rlhf.models import STATS_FILE, ScalarHead, count_parameters, load_trainable, tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import RMRecipe, derived
 from rlhf.runtime import global_sums, make_accelerator, seed_everything
-from rlhf.scoring import STATS_FILE, rewards_at_last_token
+from rlhf.scoring import rewards_at_last_token
 
 
 def run(recipe: RMRecipe) -> Path:

@@ -245,3 +245,29 @@ def test_the_recipe_reference_in_docs_is_current():
     from rlhf.cli import reference
 
     assert (ROOT / "docs" / "recipes.md").read_text() == reference() + "\n", "run `make docs`"
+
+
+def ppo_dict(**changes) -> dict:
+    data = {"stage": "ppo", "output_dir": "out", "model": {"name_or_path": "m"}, "data": {"train": "p.jsonl"},
+            "train": {"batch_size": 8, "micro_batch_size": 4}, "ppo": {"reward_model": "rm"}}
+    for key, value in changes.items():
+        apply_overrides(data, [f"{key}={value}"])
+    return data
+
+
+@pytest.mark.parametrize("old, new", [("kl_target", "kl_budget"), ("target_kl", "early_stop_kl")])
+def test_renamed_ppo_keys_name_the_new_key(tmp_path, capsys, old, new):
+    path = write_yaml(tmp_path / "r.yaml", ppo_dict(**{f"ppo.{old}": "0.5"}))
+    assert main(["ppo", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {path}: ppo.{old}: renamed to 'ppo.{new}'"]
+    assert getattr(load_recipe(write_yaml(tmp_path / "n.yaml", ppo_dict(**{f"ppo.{new}": "0.5"}))).ppo, new) == 0.5
+
+
+def test_greedy_ppo_is_refused_at_load(tmp_path, capsys):
+    path = write_yaml(tmp_path / "r.yaml", ppo_dict(**{"generate.temperature": "0"}))
+    assert main(["ppo", str(path)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"error: {path}: generate.temperature: PPO needs sampled rollouts")
+    assert main(["ppo", str(write_yaml(tmp_path / "ok.yaml", ppo_dict())), "generate.temperature=0.0"]) == 2
+    assert capsys.readouterr().err.startswith("error: command line: generate.temperature:")
+    load_recipe(write_yaml(tmp_path / "sft.yaml", sft_dict(**{"generate.temperature": "0"})))  # greedy samples: fine

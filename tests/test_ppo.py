@@ -1,5 +1,5 @@
 """PPO: the roles' setup (train mode, checkpointing, dropout), logprob/value alignment, the reference at
-the start, early stopping on target_kl, the over-optimization monitor, full fine-tuning and an actor-
+the start, early stopping on early_stop_kl, the over-optimization monitor, full fine-tuning and an actor-
 initialised critic, recipe refusals, the reward model's view of decoded text, multi-process generation
 and gold evaluation, and the RNG state of checkpoints."""
 
@@ -23,7 +23,7 @@ from rlhf.cli import main
 from rlhf.forward import response_logprobs
 from rlhf.models import ScalarHead, apply_lora, disable_dropout, hf_model, load_tokenizer
 from rlhf.monitor import OverOptimizationMonitor
-from rlhf.ppo import critic_values, filtered_sampling_warning, load_roles
+from rlhf.ppo import critic_values, filtered_sampling_warning, fold_normalization, load_roles
 from rlhf.recipes import load_recipe
 from rlhf.sections import GenerateSection, LoraSection, PromptData
 from rlhf.rollout import Generation, decode_responses
@@ -80,6 +80,50 @@ def test_disable_dropout_also_zeroes_functional_attention_dropout():
         disable_dropout(model)
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     assert hf_model(model).config.attention_dropout == 0.0  # the config under peft's wrapper too
+
+
+# --- the critic starts on the reward's (normalized) scale ---------------------------------------------------
+
+
+@pytest.mark.parametrize("lora", ["lora", "full"])
+def test_the_critic_starts_on_the_normalized_reward_scale(chain, tmp_path, lora):
+    """critic(x) = (RM(x) - mean) / std at the token the RM reads, before any update; the saved critic loads with
+    plain transformers, and its output minus the stored mean (as for a reward model) gives the same values."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.data import pad
+    from rlhf.saving import save_model
+    from rlhf.scoring import rewards_at_last_token
+
+    r = recipe("ppo", chain["root"], *(["lora=null"] if lora == "full" else []))
+    tokenizer = load_tokenizer(r.model.name_or_path)
+    roles = load_roles(r, tokenizer, "cpu")
+    stats = roles.scorer.stored_stats
+    texts = ["Reverse the list.\na b c\nc b a", "Sort the list in alphabetical order.\nd a\na d", "Reverse"]
+    rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts)["input_ids"]]
+    ids, mask = pad(rows, tokenizer.pad_token_id, left=True), pad([[1] * len(x) for x in rows], 0, left=True)
+    with torch.no_grad():
+        roles.scorer.use_stats(stats)
+        expected = roles.scorer.score_ids(ids, mask)
+        # a plain copy of the reward model starts in raw reward units: off by an affine map
+        assert not torch.allclose(rewards_at_last_token(roles.critic, ids, mask), expected, atol=1e-2)
+        fold_normalization(roles.critic, stats["mean"], stats["std"])
+        assert torch.allclose(rewards_at_last_token(roles.critic, ids, mask), expected, atol=1e-4)
+        if lora == "full":  # (a LoRA critic saves an adapter on the reward model; export merges it)
+            save_model(Accelerator(cpu=True), roles.critic, tokenizer, tmp_path / "critic")
+            plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "critic").eval()
+            offset = json.loads((tmp_path / "critic" / "reward_stats.json").read_text())["mean"]
+            assert torch.allclose(rewards_at_last_token(ScalarHead(plain), ids, mask) - offset, expected, atol=1e-4)
+
+
+def test_reward_stats_measured_on_the_starting_policy_center_its_scores(chain, tmp_path):
+    run = run_stage("ppo", chain["root"], "train.max_steps=1", "ppo.gold_every=0", "ppo.reward_stats=policy",
+                    f"output_dir={tmp_path}/run")
+    stats = json.loads((run / "manifest.json").read_text())["reward_stats"]
+    assert stats["fitted_on"] == "policy" and stats["count"] == 16  # the first rollout batch
+    (m,) = [m for m in metrics(run) if m["step"] == 1]
+    assert abs(m["objective/score"]) < 1e-5  # that very batch, normalized with its own mean: mean 0
 
 
 # --- alignment of response logprobs and values -----------------------------------------------------------
@@ -147,8 +191,8 @@ def test_start_reports_the_roles_and_the_filtered_sampling_caveat(first_iteratio
     assert filtered_sampling_warning(GenerateSection(temperature=0.0, top_k=5)) is None  # greedy: no filter
 
 
-def test_target_kl_stops_the_epochs_early(chain, tmp_path):
-    run = run_stage("ppo", chain["root"], "train.max_steps=1", "ppo.ppo_epochs=4", "ppo.target_kl=1e-9",
+def test_early_stop_kl_stops_the_epochs_early(chain, tmp_path):
+    run = run_stage("ppo", chain["root"], "train.max_steps=1", "ppo.ppo_epochs=4", "ppo.early_stop_kl=1e-9",
                     "ppo.gold_every=0", f"output_dir={tmp_path}/run")
     (m,) = [m for m in metrics(run) if m["step"] == 1]
     assert m["policy/epochs"] < 4

@@ -52,9 +52,11 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     ("sft", ["train.max_steps=60", "train.epochs=10", "train.save_every=10", "train.log_every=3"], 10),
     ("ppo", ["train.max_steps=10", "train.save_every=2", "ppo.gold_every=3"], 2),
     # the adaptive KL coefficient moves by up to 20% per iteration (16 episodes over a horizon of 16), so a
-    # resume that forgot the controller's state would log a different kl_coef after the checkpoint
+    # resume that forgot the controller's state would log a different kl_coef after the checkpoint; reward statistics
+    # measured on the starting policy must come back from the checkpoint, not be measured again on a trained one
     pytest.param("ppo", ["train.max_steps=4", "train.save_every=2", "ppo.gold_every=0", "ppo.kl_control=adaptive",
-                         "ppo.kl_target=0.5", "ppo.kl_horizon=16"], 2, id="ppo-adaptive-kl"),
+                         "ppo.kl_budget=0.5", "ppo.kl_horizon=16", "ppo.reward_stats=policy"], 2,
+                 id="ppo-adaptive-kl-policy-stats"),
 ])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(chain, tmp_path, stage, extra, kill_at):
     whole = run_cli(cli_args(stage, chain["root"], *extra, f"output_dir={tmp_path}/whole"))
