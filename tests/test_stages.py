@@ -351,10 +351,17 @@ def test_ipo_and_label_smoothing_runs(chain, tmp_path):
 @pytest.mark.parametrize("disable", [True, False])
 def test_dpo_policy_runs_without_dropout_like_its_reference(chain, tmp_path, disable):
     """At the first step the policy is the reference: with dropout off in both, every implicit reward is 0 and the
-    loss is log 2; with LoRA dropout on in the policy only, the log-ratios are noise."""
-    run = run_stage("dpo", chain["root"], "train.max_steps=1", "train.log_every=1", "train.eval_every=0",
-                    "lora.dropout=0.5", f"dpo.disable_dropout={str(disable).lower()}", "dpo.sft_coef=0",
-                    f"output_dir={tmp_path}/run")
+    loss is log 2; with dropout on in the policy only (a base model with attention dropout), the log-ratios are
+    noise."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(chain["pretrain"] / "model", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    run = run_stage("dpo", chain["root"], f"model.name_or_path={base}", "train.max_steps=1", "train.log_every=1",
+                    "train.eval_every=0", "lora.dropout=0.5", f"dpo.disable_dropout={str(disable).lower()}",
+                    "dpo.sft_coef=0", f"output_dir={tmp_path}/run")
     (m,) = [m for m in metrics(run) if "train/loss/dpo" in m]
     if disable:
         assert m["train/rewards/chosen"] == 0 and m["train/rewards/rejected"] == 0
