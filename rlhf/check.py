@@ -21,6 +21,7 @@ from rlhf.errors import UserError
 from rlhf.losses import last_token_index
 from rlhf.models import load_tokenizer, model_dir, tokenizer_for
 from rlhf.recipes import load_recipe
+from rlhf.rewards import check_records, load_reward_fn
 
 
 class Style:
@@ -121,6 +122,10 @@ def check_prompts(recipe, tokenizer) -> None:
     split = load_split(recipe.data, parse_prompt, recipe.seed)
     prompts, counts = encode_prompts(split.train, tokenizer, recipe.data.max_prompt_len)
     _report("prompts", {**split.counts, **counts}, [len(p["prompt_ids"]) for p in prompts])
+    if recipe.ppo.reward_fn:  # importable, and (gold) every prompt carries an answer to grade
+        load_reward_fn(recipe.ppo.reward_fn)
+        check_records(recipe.ppo.reward_fn, [p["meta"] for p in prompts])
+        print(f"reward function: {recipe.ppo.reward_fn}")
     _show([p["prompt"] for p in prompts])
 
 
@@ -201,7 +206,8 @@ def main(argv: list[str]) -> int:
         elif stage in ("rm", "dpo"):
             check_pairs(recipe, tokenizer, style, reward_head=stage == "rm")
         else:
-            model_dir(recipe.ppo.reward_model, "ppo.reward_model")
+            if recipe.ppo.reward_model:
+                model_dir(recipe.ppo.reward_model, "ppo.reward_model")
             check_prompts(recipe, tokenizer)
             check_gold(recipe, tokenizer)
     elif stage == "pretrain":

@@ -60,6 +60,23 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, mean: float | Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
+def aggregate_loss(values: Tensor, mask: Tensor, loss_agg: str = "token",
+                   normalizer: float | Tensor | None = None) -> Tensor:
+    """One per-token loss (B, A) -> a scalar; the one place that decides how a loss is normalized.
+
+    `token`: Σ values·mask / (number of tokens), every token weighs the same (long responses weigh more).
+    `sequence`: the per-response token mean, then the mean over responses (every response weighs the same).
+    `normalizer` replaces the local count (tokens or responses) with the global one of an accumulated,
+    multi-process minibatch, so that summing the micro-batches' losses gives the minibatch's.
+    """
+    if loss_agg == "token":
+        return masked_mean(values, mask, normalizer=normalizer)
+    if loss_agg != "sequence":
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose token or sequence")
+    per_row = masked_mean(values, mask, dim=-1)  # (B,)
+    return per_row.sum() / (normalizer if normalizer is not None else max(per_row.shape[0], 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # log-probabilities and entropy
 
@@ -166,12 +183,53 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda:
 
 
 # ---------------------------------------------------------------------------------------------
+# critic-free advantages: one sequence score per response, compared within the group of k responses sampled
+# for the same prompt (rows of a group are contiguous: B = prompts × k), broadcast to every response token
+
+
+def grpo_advantages(scores: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath, eq. 3 with outcome supervision): Â_i = (r_i − mean(r)) / (std(r) + eps)
+    over the group of the same prompt; std is the unbiased (Bessel-corrected, k − 1) sample standard deviation, as
+    TRL and OpenRLHF compute it. `scale_by_std=False` only removes the group mean (Dr. GRPO, Liu et al. 2025: the
+    std division over-weights prompts whose answers all score alike). scores (B,) -> (B,)."""
+    groups = scores.reshape(-1, group_size)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centered = centered / (groups.std(dim=1, unbiased=True, keepdim=True) + eps)
+    return centered.reshape(-1)
+
+
+def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024, eq. 8; Kool et al. 2019): Â_i = r_i − mean of the other k − 1 scores of the same
+    prompt, an unbiased leave-one-out baseline. scores (B,) -> (B,); needs group_size ≥ 2."""
+    groups = scores.reshape(-1, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """G_t = Σ_{s ≥ t} γ^(s−t)·r_s over each response's own tokens (0 outside the mask). (B, A) -> (B, A).
+    REINFORCE++ (Hu 2025) uses it on the KL-shaped rewards, then whitens G over the global batch (no critic)."""
+    m = mask.to(rewards.dtype)
+    rewards = rewards * m
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    # plain loop over time, vectorised over the batch: G[t] = r[t] + γ G[t+1]
+    for t in reversed(range(rewards.shape[-1])):
+        running = (rewards[:, t] + gamma * running) * m[:, t]
+        returns[:, t] = running
+    return returns
+
+
+# ---------------------------------------------------------------------------------------------
 # PPO losses (Schulman et al. 2017, eq. 7 and the clipped value loss of the PPO2 baselines)
 
 
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
-                    normalizer: float | Tensor | None = None, max_log_ratio: float = 20.0) -> tuple[Tensor, dict]:
-    """L = masked mean of max(−Â·ρ, −Â·clip(ρ, 1−ε, 1+ε)),  ρ = exp(logp − old_logp). All (B, A).
+                    normalizer: float | Tensor | None = None, max_log_ratio: float = 20.0,
+                    loss_agg: str = "token") -> tuple[Tensor, dict]:
+    """L = mean of max(−Â·ρ, −Â·clip(ρ, 1−ε, 1+ε)),  ρ = exp(logp − old_logp), aggregated over tokens or
+    responses (`aggregate_loss`). All (B, A).
 
     The log-ratio is clamped to ±max_log_ratio before exp so a ratio explosion gives a large but finite
     loss; clamped tokens are counted in `policy/ratio_clamped`.
@@ -185,7 +243,7 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     ratio = torch.exp(log_ratio.clamp(-max_log_ratio, max_log_ratio))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m, normalizer=normalizer)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), m, loss_agg, normalizer)
     with torch.no_grad():
         stats = {
             "loss/policy": loss.detach(),
@@ -199,17 +257,26 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
 
 
 def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float,
-                   normalizer: float | Tensor | None = None) -> tuple[Tensor, dict]:
-    """L_V = ½ · masked mean of max((V − R)², (clip(V, V_old ± ε_v) − R)²). All (B, A)."""
+                   normalizer: float | Tensor | None = None, loss_agg: str = "token") -> tuple[Tensor, dict]:
+    """L_V = ½ · mean of max((V − R)², (clip(V, V_old ± ε_v) − R)²), aggregated as `aggregate_loss`. All (B, A)."""
     m = mask.to(values.dtype)
     clipped_values = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
     err = (values - returns) ** 2
     err_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), m, normalizer=normalizer)
+    loss = 0.5 * aggregate_loss(torch.maximum(err, err_clipped), m, loss_agg, normalizer)
     with torch.no_grad():
         stats = {"loss/value": loss.detach(), "value/clipfrac": masked_mean((err_clipped > err).to(m.dtype), m),
                  "value/mean": masked_mean(values, m)}
     return loss, stats
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, normalizer: float | Tensor | None = None,
+            loss_agg: str = "token") -> tuple[Tensor, dict]:
+    """The KL to the reference as a loss term instead of a reward penalty (GRPO, Shao et al. 2024, eq. 4): the k3
+    estimator exp(ref − logp) − (ref − logp) − 1 ≥ 0 of the current policy's logprobs (with gradient), aggregated
+    as `aggregate_loss`. The caller weighs it with kl_coef. All (B, A)."""
+    loss = aggregate_loss(_k3(logprobs, ref_logprobs), mask, loss_agg, normalizer)
+    return loss, {"loss/kl": loss.detach()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,7 +253,7 @@ class ScalarHead(nn.Module):
 
     Wraps a (peft-wrapped or plain) sequence-classification model so that DDP sees one forward. `bias=True`
     adds a trainable float32 offset to every output: a critic needs one (most sequence-classification heads
-    have no bias), e.g. to start on the normalized reward scale (`rlhf.ppo.fold_normalization`).
+    have no bias), e.g. to start on the normalized reward scale (`rlhf.roles.fold_normalization`).
     """
 
     def __init__(self, model: nn.Module, bias: bool = False):

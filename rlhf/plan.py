@@ -143,10 +143,12 @@ def plan(recipe, shapes: dict, gpu_mem: int | None = None, zero: int = 0, gpus: 
         roles["actor"] = role_bytes(policy, dtype_bytes, trainable=True, lora=lora, quant4=quant4, rows=micro, seq=seq,
                                     kv_cache=kv, **common)
         roles["reference"] = role_bytes(policy, dtype_bytes, trainable=False, shared=lora is not None)
-        critic_shape = shapes["reward"] if recipe.ppo.critic_init == "reward" else policy
-        roles["critic"] = role_bytes(critic_shape, dtype_bytes, trainable=True, lora=lora, rows=micro, seq=seq,
-                                     **common)
-        roles["reward"] = role_bytes(shapes["reward"], dtype_bytes, trainable=False)
+        if recipe.ppo.needs_critic():  # the roles the run holds: no critic for grpo/rloo/...
+            critic_shape = shapes["reward"] if recipe.ppo.critic_init == "reward" else policy
+            roles["critic"] = role_bytes(critic_shape, dtype_bytes, trainable=True, lora=lora, rows=micro, seq=seq,
+                                         **common)
+        if "reward" in shapes:  # no reward model when rewards come from ppo.reward_fn alone
+            roles["reward"] = role_bytes(shapes["reward"], dtype_bytes, trainable=False)
     else:
         raise UserError(f"no memory plan for stage '{stage}' (it trains nothing)", None, "stage")
     total = sum(r["total"] for r in roles.values()) + OVERHEAD
@@ -212,7 +214,7 @@ def main(argv: list[str]) -> int:
         shapes = {"policy": model_shape(config)}
     elif recipe.stage in ("sft", "rm", "dpo", "ppo"):
         shapes = {"policy": model_shape(load_config(recipe.model.name_or_path, "model.name_or_path"))}
-        if recipe.stage == "ppo":
+        if recipe.stage == "ppo" and recipe.ppo.reward_model:
             shapes["reward"] = model_shape(load_config(recipe.ppo.reward_model, "ppo.reward_model"))
     else:
         raise UserError(f"no memory plan for stage '{recipe.stage}' (it trains nothing)", args.recipe, "stage")

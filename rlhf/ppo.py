@@ -1,5 +1,5 @@
-"""The pieces of one PPO iteration that touch models: the four roles, scoring, the no-grad passes, the
-update epochs.
+"""The pieces of one RL iteration that touch models: scoring, the advantage estimators, the no-grad passes,
+the update epochs, the metrics. The models themselves are in `rlhf.roles`.
 
 The math they call is in `rlhf.losses`; the order of the phases is in `stages/ppo.py`.
 """
@@ -8,108 +8,39 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from accelerate.utils import DistributedType
 
+from data_formats.schemas import parse_prompt
+from rlhf.data import encode_prompts, load_gold_prompts, load_split
 from rlhf.errors import UserError
 from rlhf.forward import response_logprobs
-from rlhf.losses import masked_mean, ppo_policy_loss, ppo_value_loss
-from rlhf.data import plan_batches
-from rlhf.models import (ScalarHead, count_parameters, disable_dropout, load_frozen, load_trainable, module_bytes,
-                         position_ids_from_mask, reference_model, score_head)
-from rlhf.rollout import generate_batches, row_keys
-from rlhf.optim import build_optimizer, build_scheduler, optimizer_step
+from rlhf.losses import (aggregate_loss, discounted_returns, gae, grpo_advantages, kl_loss, masked_sum,
+                         ppo_policy_loss, ppo_value_loss, rloo_advantages)
+from rlhf.models import position_ids_from_mask, reference_model
+from rlhf.optim import optimizer_step
+from rlhf.rewards import call_reward_fn, check_records, reward_fn_source
+from rlhf.rollout import Generation, decode_responses
 from rlhf.runtime import global_sum, global_sums, micro_batch
-from rlhf.scoring import RewardScorer, load_scorer
 
 
-# --- the four roles (Ouyang et al. 2022; the seeds' walk-through, 004: actor, critic, reference, reward) -----
-
-
-@dataclass
-class Roles:
-    actor: torch.nn.Module  # trained; starts as the SFT model (LoRA-wrapped unless lora is null)
-    critic: ScalarHead  # trained; the reward model's (or the SFT model's) backbone + a value head
-    reference: torch.nn.Module | None  # frozen SFT copy; None under LoRA: the actor with its adapter disabled
-    scorer: RewardScorer  # the frozen reward model
-
-
-def check_launch(accelerator) -> None:
-    """PPO trains two models, and accelerate's DeepSpeed plugin prepares one."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise UserError("PPO trains two models, which accelerate cannot prepare under DeepSpeed; launch it under "
-                        "DDP or FSDP (recipes/accelerate/fsdp.yaml)")
-
-
-def load_roles(recipe, tokenizer, device) -> Roles:
-    """Load the four models of a PPO recipe, dropout off, actor and critic in train mode."""
-    model_section, ppo, lora = recipe.model, recipe.ppo, recipe.lora
-    actor = load_trainable(model_section, lora, tokenizer)
-    reference = load_frozen(model_section, tokenizer, device) if lora is None else None
-    scorer = load_scorer(ppo.reward_model, device, dtype=model_section.dtype, key="ppo.reward_model")
-    if ppo.critic_init == "reward":
-        if not scorer.same_vocab(tokenizer):
-            raise UserError("the reward model's tokenizer differs from the actor's; the critic cannot start from "
-                            "it (use ppo.critic_init: actor)", None, "ppo.critic_init")
-        critic = load_trainable(model_section, lora, tokenizer, "seq_cls", ppo.reward_model, "ppo.reward_model")
-    else:
-        critic = load_trainable(model_section, lora, tokenizer, "seq_cls")
-    critic = ScalarHead(critic, bias=True)
-    disable_dropout(actor, critic, scorer.model, *([reference] if reference is not None else []))
-    # from_pretrained returns eval mode, and HF layers recompute activations (gradient checkpointing) only
-    # in train mode; with dropout off, train mode changes nothing else. Generation switches to eval itself.
-    actor.train()
-    critic.train()
-    return Roles(actor, critic, reference, scorer)
-
-
-def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], generate, tokenizer, seed: int
-                    ) -> dict | None:
-    """The mean/std that normalize reward-model scores in this run (None: `ppo.normalize_reward` is off).
-
-    `ppo.reward_stats: rm_data`: what the rm stage stored (fitted on its held-out completions). `policy`: measured
-    on the starting policy's own samples before any update, as lm-human-preferences does (Ziegler et al. 2019),
-    so that its normalized scores have mean 0 and std 1 and `kl_coef`, `missing_eos_penalty` and `reward_clip`
-    mean the same for any reward model: the first `ppo.reward_stats_prompts` prompts of the first epoch's order
-    (default: the first rollout batch, sampled with that rollout's noise), sharded over the processes."""
-    if not ppo.normalize_reward:
-        return None
-    if ppo.reward_stats == "rm_data":
-        if scorer.stored_stats is None:
-            raise UserError(f"{ppo.reward_model} stores no mean/std of its scores (it is not an rm run); set "
-                            "ppo.reward_stats: policy to measure them, or ppo.normalize_reward: false", None,
-                            "ppo.reward_stats")
-        return dict(scorer.stored_stats)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    count = min(ppo.reward_stats_prompts or ppo.rollout_batch_size, len(prompts))
-    shard = -(-count // world)
-    mine = (plan_batches(len(prompts), count, shard, rank, world, seed, 0, 0) or [[]])[0]
-    raw = [torch.zeros(0, device=accelerator.device)]
-    for start, gen in generate_batches(policy, [prompts[i]["prompt_ids"] for i in mine], generate,
-                                       tokenizer.eos_token_id, tokenizer.pad_token_id, accelerator.device,
-                                       row_keys(seed, 0, mine, accelerator.device), synced=True,
-                                       min_batches=-(-shard // generate.batch_size)):
-        chunk = mine[start:start + generate.batch_size]  # empty for a synced placeholder call
-        raw.append(scorer.score_generation(gen, [prompts[i]["prompt"] for i in chunk], tokenizer)[:len(chunk)])
-    raw = torch.cat(raw).float()
-    total = global_sums(accelerator, {"n": raw.numel(), "sum": raw.sum(), "sq": (raw ** 2).sum()})
-    mean = total["sum"] / max(total["n"], 1.0)
-    std = math.sqrt(max(total["sq"] / max(total["n"], 1.0) - mean ** 2, 1e-12))
-    return {"mean": mean, "std": max(std, 1e-6), "count": int(total["n"]), "fitted_on": "policy"}
-
-
-def fold_normalization(critic: ScalarHead, mean: float, std: float) -> None:
-    """Put a critic copied from the reward model on the normalized reward scale before any update:
-    critic(x) = (RM(x) - mean) / std at every token, the head's weight (and bias) divided by std and the offset
-    -mean / std in the critic's own bias (most heads have none). Otherwise the critic starts off by a constant
-    that the clipped value loss takes many iterations to remove, biasing the last token's advantage."""
-    head = score_head(critic.model)
-    with torch.no_grad():
-        head.weight.div_(std)
-        if getattr(head, "bias", None) is not None:
-            head.bias.div_(std)
-        critic.bias.fill_(-mean / std)
+def load_prompts(recipe, tokenizer, folder) -> tuple[list[dict], list[dict]]:
+    """The rollout prompts of `data` and the monitor's gold-scored prompts (`ppo.gold_prompts`), encoded; their
+    counts and hashes (and the reward function's source file) go to the run's manifest."""
+    ppo, data = recipe.ppo, recipe.data
+    split = load_split(data, parse_prompt, recipe.seed)
+    prompts, counts = encode_prompts(split.train, tokenizer, data.max_prompt_len)
+    if ppo.reward_fn:
+        check_records(ppo.reward_fn, [p["meta"] for p in prompts])
+    gold = load_gold_prompts(ppo.gold_prompts, data.template, tokenizer, data.max_prompt_len, ppo.gold_count,
+                             recipe.seed) if ppo.gold_prompts and ppo.gold_every else []
+    folder.counts = {**split.counts, **counts, "gold_prompts": len(gold)}
+    for name, path in (("model", recipe.model.name_or_path), ("reward_model", ppo.reward_model),
+                       ("data.train", data.train), ("ppo.gold_prompts", gold and ppo.gold_prompts),
+                       ("ppo.reward_fn", ppo.reward_fn and reward_fn_source(ppo.reward_fn))):
+        folder.input(name, path)
+    return prompts, gold
 
 
 def iterations_of(n_prompts: int, ppo, train) -> int:
@@ -119,34 +50,6 @@ def iterations_of(n_prompts: int, ppo, train) -> int:
                         None, "ppo.rollout_batch_size")
     iterations = max(1, math.ceil(train.epochs * n_prompts / ppo.rollout_batch_size))
     return min(iterations, train.max_steps) if train.max_steps else iterations
-
-
-def prepare_training(accelerator, roles: Roles, ppo, train, iterations: int):
-    """AdamW and schedule for actor and critic (over every update of the run), prepared by accelerate:
-    (actor, critic, optimizers, schedulers), the dicts keyed 'actor' and 'critic'."""
-    updates = iterations * ppo.ppo_epochs * (ppo.rollout_batch_size // train.batch_size)
-    optimizers = {"actor": build_optimizer(roles.actor.parameters(), train),
-                  "critic": build_optimizer(roles.critic.parameters(), train, lr=ppo.critic_lr)}
-    schedulers = {name: build_scheduler(optimizer, train, updates) for name, optimizer in optimizers.items()}
-    actor, critic, optimizers["actor"], optimizers["critic"] = accelerator.prepare(
-        roles.actor, roles.critic, optimizers["actor"], optimizers["critic"])
-    return actor, critic, optimizers, schedulers
-
-
-def memory_report(roles: Roles, device) -> str:
-    """Bytes each role holds (the reference shares the actor's weights under LoRA)."""
-    def gib(n: int) -> str:
-        return f"{n / 2**30:.3f} GiB" if n >= 2**26 else f"{n / 2**20:.1f} MiB"
-
-    trainable_actor, _ = count_parameters(roles.actor)
-    trainable_critic, _ = count_parameters(roles.critic)
-    return "\n".join([
-        f"ppo roles on {device}:",
-        f"  actor      {gib(module_bytes(roles.actor))}  ({trainable_actor / 1e6:.3f}M trainable)",
-        "  reference  " + (gib(module_bytes(roles.reference)) if roles.reference is not None
-                           else "shared with the actor (adapter disabled)"),
-        f"  critic     {gib(module_bytes(roles.critic))}  ({trainable_critic / 1e6:.3f}M trainable)",
-        f"  reward     {gib(module_bytes(roles.scorer.model))}  (frozen)"])
 
 
 def filtered_sampling_warning(generate) -> str | None:
@@ -171,16 +74,17 @@ class Experience:
     prompt_width: int  # P
     response_mask: torch.Tensor  # float
     ended: torch.Tensor  # (B,) the response ends with EOS
-    raw_scores: torch.Tensor  # (B,) reward model, normalized
+    raw_scores: torch.Tensor  # (B,) the weighted sum of the reward sources (the model's normalized)
     scores: torch.Tensor  # (B,) after the missing-EOS penalty and clipping
     old_logprobs: torch.Tensor  # actor at rollout time
     ref_logprobs: torch.Tensor
-    old_values: torch.Tensor
+    old_values: torch.Tensor | None  # critic at rollout time (gae only)
     entropy: torch.Tensor
     kl: torch.Tensor  # per-token KL estimate
-    rewards: torch.Tensor  # -kl_coef * kl, + score at the last token
+    rewards: torch.Tensor  # -kl_coef * kl (kl_in: reward), + score at the last token
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None  # the critic's targets (gae only)
+    sources: dict  # (B,) score of each reward source before weighting: {"reward_model": ..., "reward_fn": ...}
 
 
 def critic_values(critic, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
@@ -200,11 +104,60 @@ def shape_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: fl
     return scores
 
 
+def score_rollout(scorer, reward_fn, weights: dict, gen: Generation, batch: list[dict], tokenizer
+                  ) -> tuple[torch.Tensor, dict]:
+    """(B,) scores of a rollout: weights['reward_model'] x the reward model's (normalized) score + weights['reward_fn']
+    x the reward function's, for the sources the recipe gives; and each source's own (B,) scores."""
+    sources = {}
+    if scorer is not None:
+        sources["reward_model"] = scorer.score_generation(gen, [p["prompt"] for p in batch], tokenizer).float()
+    if reward_fn is not None:
+        completions = decode_responses(tokenizer, gen)
+        sources["reward_fn"] = call_reward_fn(reward_fn, [p["prompt"] for p in batch], completions,
+                                              [p["meta"] for p in batch]).to(gen.sequences.device)
+    if len(sources) == 1:  # one source: its scores as they are (a weight would only rescale kl_coef)
+        return next(iter(sources.values())), sources
+    return sum(weights.get(name, 1.0) * value for name, value in sources.items()), sources
+
+
+# --- advantages: one function per ppo.advantage_estimator, (rewards, values, mask, ppo, k) -> (advantages, returns)
+# (rewards: r_t = -kl_coef·kl_t with kl_in: reward, + the score at the last token; values: the critic's, gae only)
+
+
+def _gae(rewards, values, mask, ppo, group_size):
+    return gae(rewards, values, mask, ppo.gamma, ppo.gae_lambda)
+
+
+def _grpo(rewards, values, mask, ppo, group_size):
+    return _per_token(grpo_advantages(masked_sum(rewards, mask, dim=-1), group_size, ppo.scale_by_std), mask)
+
+
+def _rloo(rewards, values, mask, ppo, group_size):
+    return _per_token(rloo_advantages(masked_sum(rewards, mask, dim=-1), group_size), mask)
+
+
+def _reinforce_pp(rewards, values, mask, ppo, group_size):
+    # REINFORCE++ (Hu 2025): the per-token KL-shaped return G_t, whitened over the global batch by the stage
+    return discounted_returns(rewards, mask, ppo.gamma), None
+
+
+def _per_token(sequence_advantages: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """A response's advantage (computed from its summed rewards, within its group) on each of its tokens."""
+    return sequence_advantages[:, None] * mask, None
+
+
+ADVANTAGES: dict[str, Callable] = {"gae": _gae, "grpo": _grpo, "rloo": _rloo, "reinforce_pp": _reinforce_pp}
+
+
+def whitened(ppo) -> bool:
+    """Whether advantages are whitened over the global batch: always for reinforce_pp (part of the method), as
+    `ppo.whiten_advantages` says for gae, never for grpo / rloo (normalized within each prompt's group)."""
+    return {"gae": ppo.whiten_advantages, "reinforce_pp": True}.get(ppo.advantage_estimator, False)
 def no_grad_passes(actor, critic, reference, sequences, attention_mask, prompt_width: int, micro: int,
                    temperature: float, autocast) -> tuple[torch.Tensor, ...]:
     """Old actor logprobs, entropy and critic values, then reference logprobs (`rlhf.models.reference_model`:
     the frozen copy, or the actor with its adapter disabled), micro-batch by micro-batch, without gradients.
-    Returns (old_logprobs, ref_logprobs, values, entropy), each (B, A) float32."""
+    Returns (old_logprobs, ref_logprobs, values, entropy), each (B, A) float32 (values None without a critic)."""
     old, ref, values, entropy = [], [], [], []
     rows = range(0, sequences.shape[0], micro)
     with torch.no_grad(), autocast():
@@ -213,12 +166,13 @@ def no_grad_passes(actor, critic, reference, sequences, attention_mask, prompt_w
             lp, ent = response_logprobs(actor, s, a, prompt_width, temperature, with_entropy=True)
             old.append(lp.float())
             entropy.append(ent.float())
-            values.append(critic_values(critic, s, a, prompt_width).float())
+            if critic is not None:
+                values.append(critic_values(critic, s, a, prompt_width).float())
         with reference_model(actor, reference) as ref_model:
             for i in rows:
                 s, a = sequences[i:i + micro], attention_mask[i:i + micro]
                 ref.append(response_logprobs(ref_model, s, a, prompt_width, temperature)[0].float())
-    return torch.cat(old), torch.cat(ref), torch.cat(values), torch.cat(entropy)
+    return torch.cat(old), torch.cat(ref), torch.cat(values) if values else None, torch.cat(entropy)
 
 
 def global_whiten_stats(accelerator, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -229,8 +183,8 @@ def global_whiten_stats(accelerator, x: torch.Tensor, mask: torch.Tensor) -> tup
     return mean, var
 
 
-# stats of ppo_policy_loss / ppo_value_loss, by how they combine over micro-batches and processes
-_NORMALIZED = ("loss/policy", "loss/value", "policy/entropy")  # already divided by the global token count
+# stats of the losses, by how they combine over micro-batches and processes
+_NORMALIZED = ("loss/policy", "loss/value", "loss/kl", "policy/entropy")  # already divided by the global count
 _LOCAL_MEANS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio_mean", "value/clipfrac", "value/mean")
 
 
@@ -247,16 +201,17 @@ def minibatch_rows(local_rows: int, offset: int, minibatches: int, epoch: int, m
 
 
 def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard, exp: Experience, ppo, train,
-           temperature: float, step: int, generator: torch.Generator) -> dict[str, float]:
+           temperature: float, kl_coef: float, step: int, generator: torch.Generator) -> dict[str, float]:
     """K epochs x minibatches of the clipped PPO objective over `exp`; returns averaged stats.
 
-    loss = L_clip + vf_coef * L_V - entropy_coef * H, each a token mean over the global minibatch; logprobs at
-    the rollout's `temperature`. Stops the epochs early when the minibatch approx-KL (global mean) exceeds
-    `ppo.early_stop_kl`.
+    loss = L_clip + vf_coef·L_V (with a critic) + kl_coef·KL (kl_in: loss) − entropy_coef·H, each aggregated over
+    the global minibatch as `ppo.loss_agg` says (`rlhf.losses.aggregate_loss`); logprobs at the rollout's
+    `temperature`. Stops the epochs early when the minibatch approx-KL (global mean) exceeds `ppo.early_stop_kl`.
     """
     world, rows_total, response_mask = accelerator.num_processes, exp.sequences.shape[0], exp.response_mask
     minibatches, micro = rows_total * world // train.batch_size, train.micro_batch_size
     offset = accelerator.process_index * rows_total
+    models = {"actor": actor, **({"critic": critic} if critic is not None else {})}
     sums: dict[str, torch.Tensor] = {}
     same_everywhere: dict[str, float] = {}  # grad norms are identical on every process after sync
     ratio_max = torch.zeros((), device=response_mask.device)
@@ -266,44 +221,54 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
         epoch_kl = torch.zeros((), device=response_mask.device)
         for m in torch.randperm(minibatches, generator=generator).tolist():
             rows = minibatch_rows(rows_total, offset, minibatches, epoch, m)
-            # the global minibatch's token count: every loss below is a token mean over it
+            # the global minibatch's count of tokens (every loss is a token mean over it) or of responses
             tokens = global_sum(accelerator, response_mask[rows].sum()).to(response_mask.dtype)
+            normalizer = tokens if ppo.loss_agg == "token" else \
+                global_sum(accelerator, float(len(rows))).to(response_mask.dtype)
             loss_sum = torch.zeros((), device=response_mask.device)
             for j in range(0, len(rows), micro):
                 r = rows[j:j + micro]
                 mask = response_mask[r]
-                with micro_batch(accelerator, [actor, critic], last=j + micro >= len(rows)):
+                with micro_batch(accelerator, list(models.values()), last=j + micro >= len(rows)):
                     with accelerator.autocast():
                         logprobs, entropy = response_logprobs(actor, exp.sequences[r], exp.attention_mask[r],
                                                               exp.prompt_width, temperature, with_entropy=True,
                                                               entropy_grad=ppo.entropy_coef != 0)
-                        values = critic_values(critic, exp.sequences[r], exp.attention_mask[r], exp.prompt_width)
-                        pg_loss, pg = ppo_policy_loss(logprobs.float(), exp.old_logprobs[r], exp.advantages[r],
-                                                      mask, ppo.clip_range, normalizer=tokens,
-                                                      max_log_ratio=ppo.max_log_ratio)
-                        vf_loss, vf = ppo_value_loss(values.float(), exp.old_values[r], exp.returns[r], mask,
-                                                     ppo.clip_range_value, normalizer=tokens)
-                        ent = masked_mean(entropy.float(), mask, normalizer=tokens)
-                        loss = pg_loss + ppo.vf_coef * vf_loss - ppo.entropy_coef * ent
+                        loss, stats = ppo_policy_loss(logprobs.float(), exp.old_logprobs[r], exp.advantages[r], mask,
+                                                      ppo.clip_range, normalizer, ppo.max_log_ratio, ppo.loss_agg)
+                        ent = aggregate_loss(entropy.float(), mask, ppo.loss_agg, normalizer)
+                        loss = loss - ppo.entropy_coef * ent
+                        stats["policy/entropy"] = ent.detach()
+                        if critic is not None:
+                            values = critic_values(critic, exp.sequences[r], exp.attention_mask[r], exp.prompt_width)
+                            vf_loss, vf = ppo_value_loss(values.float(), exp.old_values[r], exp.returns[r], mask,
+                                                         ppo.clip_range_value, normalizer, ppo.loss_agg)
+                            loss = loss + ppo.vf_coef * vf_loss
+                            stats.update(vf)
+                        if ppo.kl_in == "loss":
+                            kl, kl_stats = kl_loss(logprobs.float(), exp.ref_logprobs[r], mask, normalizer,
+                                                   ppo.loss_agg)
+                            loss = loss + kl_coef * kl
+                            stats.update(kl_stats)
                     # DDP averages gradients over processes; the loss is this process's share of the global mean
                     accelerator.backward(loss * world)
                 loss_sum += loss.detach()
                 share = mask.sum() / tokens
-                stats = {**pg, **vf, "policy/entropy": ent.detach()}
                 for k in _NORMALIZED:
-                    sums[k] = sums.get(k, 0.0) + stats[k]
+                    if k in stats:
+                        sums[k] = sums.get(k, 0.0) + stats[k]
                 for k in _LOCAL_MEANS:
-                    sums[k] = sums.get(k, 0.0) + stats[k] * share
-                    if k == "policy/approx_kl":
-                        epoch_kl = epoch_kl + stats[k] * share
+                    if k in stats:
+                        sums[k] = sums.get(k, 0.0) + stats[k] * share
+                epoch_kl = epoch_kl + stats["policy/approx_kl"] * share
                 sums["policy/ratio_clamped"] = sums.get("policy/ratio_clamped", 0.0) + stats["policy/ratio_clamped"]
                 ratio_max = torch.maximum(ratio_max, stats["policy/ratio_max"])
             loss_value = float(global_sum(accelerator, loss_sum))
-            # one step for both models: a non-finite loss skips (and counts) the actor and critic update together
+            # one step for every trained model: a non-finite loss skips (and counts) them all together
             out = optimizer_step(accelerator, {name: (model, optimizers[name], schedulers[name])
-                                               for name, model in (("actor", actor), ("critic", critic))},
+                                               for name, model in models.items()},
                                  train.max_grad_norm, guard, step, loss_value)
-            for name in ("actor", "critic"):
+            for name in models:
                 same_everywhere[f"{name}/grad_norm"] = same_everywhere.get(f"{name}/grad_norm", 0.0) + \
                     out[f"{name}/grad_norm"]
             updates += 1
@@ -324,23 +289,32 @@ def rollout_metrics(accelerator, exp: Experience, kl_coef: float, rows_global: i
     """Per-iteration figures of the rollout, over all processes (means per response unless noted);
     `generate_s`: the seconds the rollout took (for generated tokens per second)."""
     m = exp.response_mask
-    sums = global_sums(accelerator, {
-        "score": exp.raw_scores.sum(), "score_shaped": exp.scores.sum(), "kl": (exp.kl * m).sum(),
-        "entropy": (exp.entropy * m).sum(), "tokens": m.sum(), "eos": exp.ended.float().sum(),
-        "r": (exp.returns * m).sum(), "r2": (exp.returns ** 2 * m).sum(),
-        "e": ((exp.returns - exp.old_values) * m).sum(), "e2": ((exp.returns - exp.old_values) ** 2 * m).sum()})
+    scored = exp.scores * (m.sum(-1) > 0)  # a response with no token gets no score (kl_penalized_rewards)
+    local = {"score": exp.raw_scores.sum(), "score_shaped": exp.scores.sum(), "kl": (exp.kl * m).sum(),
+             "non_score": (exp.rewards * m).sum() - scored.sum(),
+             "entropy": (exp.entropy * m).sum(), "tokens": m.sum(), "eos": exp.ended.float().sum(),
+             **{f"source/{name}": value.sum() for name, value in exp.sources.items()}}
+    if exp.old_values is not None:
+        residual = exp.returns - exp.old_values
+        local.update({"r": (exp.returns * m).sum(), "r2": (exp.returns ** 2 * m).sum(), "e": (residual * m).sum(),
+                      "e2": (residual ** 2 * m).sum()})
+    sums = global_sums(accelerator, local)
     n, tokens = float(rows_global), max(sums["tokens"], 1.0)
-    var_r = sums["r2"] / tokens - (sums["r"] / tokens) ** 2
-    var_e = sums["e2"] / tokens - (sums["e"] / tokens) ** 2
-    return {
+    out = {
         "objective/score": sums["score"] / n,
         "objective/score_shaped": sums["score_shaped"] / n,
         "objective/kl": sums["kl"] / n,  # summed over tokens, mean over responses
-        "objective/non_score_reward": -kl_coef * sums["kl"] / n,
+        "objective/non_score_reward": sums["non_score"] / n,  # the KL penalty in the reward (kl_in: reward)
         "objective/entropy": sums["entropy"] / tokens,  # per token
         "response/length": sums["tokens"] / n,
         "response/eos_rate": sums["eos"] / n,
-        "value/explained_var": 1.0 - var_e / var_r if var_r > 0 else 0.0,
         "kl_coef": kl_coef,
         "perf/generate_tokens_per_s": sums["tokens"] / max(generate_s, 1e-9),
     }
+    if len(exp.sources) > 1:  # with several reward sources, each one's own mean score
+        out.update({f"objective/{name}": sums[f"source/{name}"] / n for name in exp.sources})
+    if exp.old_values is not None:
+        var_r = sums["r2"] / tokens - (sums["r"] / tokens) ** 2
+        var_e = sums["e2"] / tokens - (sums["e"] / tokens) ** 2
+        out["value/explained_var"] = 1.0 - var_e / var_r if var_r > 0 else 0.0
+    return out

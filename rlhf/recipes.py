@@ -168,7 +168,8 @@ def derived(recipe, processes: int | None = None) -> dict:
     ppo = getattr(recipe, "ppo", None)
     if ppo is not None:
         out["rollout_per_process"] = ppo.rollout_batch_size // processes
-        out["minibatches_per_epoch"] = ppo.rollout_batch_size // train.batch_size
+        out["episodes_per_iteration"] = ppo.rollout_batch_size * ppo.samples_per_prompt
+        out["minibatches_per_epoch"] = out["episodes_per_iteration"] // train.batch_size
     return out
 
 
@@ -182,8 +183,9 @@ def check_derived(recipe, processes: int) -> None:
             f"{train.batch_size} is not a multiple of micro_batch_size {train.micro_batch_size} x "
             f"{processes} process(es) = {per_step}", key="train.batch_size")
     ppo = getattr(recipe, "ppo", None)
-    if ppo is not None and ppo.rollout_batch_size % train.batch_size:
-        raise RecipeError(f"{ppo.rollout_batch_size} is not a multiple of train.batch_size {train.batch_size}",
+    if ppo is not None and (ppo.rollout_batch_size * ppo.samples_per_prompt) % train.batch_size:
+        raise RecipeError(f"{ppo.rollout_batch_size} prompts x {ppo.samples_per_prompt} samples is not a multiple "
+                          f"of train.batch_size {train.batch_size} (responses per minibatch)",
                           key="ppo.rollout_batch_size")
     if ppo is not None and ppo.rollout_batch_size % processes:
         raise RecipeError(f"{ppo.rollout_batch_size} is not divisible by {processes} processes",

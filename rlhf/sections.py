@@ -178,8 +178,24 @@ class RMSection:
 class PPOSection:
     RENAMED = {"kl_target": "kl_budget", "target_kl": "early_stop_kl"}  # old keys: one-line errors naming the new
 
-    reward_model: str = req("an `rm` run folder (or HF sequence-classification model) scoring prompt+response")
-    rollout_batch_size: int = opt(64, "prompts sampled per iteration over all processes", gt=0)
+    reward_model: Optional[str] = opt(None, "an `rm` run folder (or HF sequence-classification model) scoring "
+                                            "prompt+response; reward_model, reward_fn or both")
+    reward_fn: Optional[str] = opt(None, "a reward function: 'gold' (the task suite's scorer: 1 right, 0 wrong) or "
+                                         "'package.module:function' (prompts, completions, records) -> floats")
+    reward_weights: dict[str, float] = opt({"reward_model": 1.0, "reward_fn": 1.0},
+                                           "weights of the reward model's (normalized) and the reward function's "
+                                           "scores in the sum, when both are given")
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = opt(
+        "gae", "gae = PPO with a critic; grpo / rloo = critic-free, the other samples of the same prompt are the "
+               "baseline (samples_per_prompt >= 2); reinforce_pp = critic-free REINFORCE++ (whitened returns)")
+    samples_per_prompt: int = opt(1, "responses sampled per prompt (k; a group for grpo / rloo)", gt=0)
+    scale_by_std: bool = opt(True, "grpo: divide by the group's std (false = Dr. GRPO, mean removed only)")
+    kl_in: Literal["reward", "loss"] = opt("reward", "the KL to the reference as a per-token reward penalty, or as "
+                                                     "a loss term (k3 estimator, weighted by kl_coef, as GRPO)")
+    loss_agg: Literal["token", "sequence"] = opt("token", "policy/value loss: mean over the minibatch's tokens, or "
+                                                          "per response then over responses")
+    rollout_batch_size: int = opt(64, "prompts sampled per iteration over all processes (x samples_per_prompt "
+                                      "responses)", gt=0)
     ppo_epochs: int = opt(4, "passes (K) over each rollout batch", gt=0)
     gamma: float = opt(1.0, "discount", ge=0, le=1)
     gae_lambda: float = opt(0.95, "GAE lambda", ge=0, le=1)
@@ -195,7 +211,8 @@ class PPOSection:
     kl_horizon: int = opt(10000, "adaptive control: horizon in episodes", gt=0)
     early_stop_kl: Optional[float] = opt(None, "stop an iteration's K update epochs early when the minibatch approx "
                                                "KL (policy vs. rollout policy) exceeds this", gt=0)
-    whiten_advantages: bool = opt(True, "whiten advantages over the (global) batch")
+    whiten_advantages: bool = opt(True, "gae: whiten advantages over the (global) batch (reinforce_pp always "
+                                        "whitens; grpo / rloo normalize within each group)")
     normalize_reward: bool = opt(True, "normalize reward-model scores to mean 0, std 1 (statistics: reward_stats)")
     reward_stats: Literal["rm_data", "policy"] = opt(
         "rm_data", "where the normalizing mean/std come from: rm_data = stored by the rm stage (its held-out "
@@ -204,12 +221,29 @@ class PPOSection:
                                                     "(null = the first rollout batch)", gt=1)
     reward_clip: Optional[float] = opt(10.0, "clip (normalized) scores to +-this", gt=0)
     missing_eos_penalty: Optional[float] = opt(1.0, "subtracted from the score of responses without EOS", ge=0)
-    critic_init: Literal["reward", "actor"] = opt("reward", "critic backbone: the reward model or the SFT model")
+    critic_init: Literal["reward", "actor"] = opt("reward", "gae: critic backbone, the reward model or the SFT model")
     critic_lr: Optional[float] = opt(None, "critic learning rate (null = train.lr)", gt=0)
     max_log_ratio: float = opt(20.0, "clamp |logp - old_logp| before exp (counted in policy/ratio_clamped)", gt=0)
     gold_prompts: Optional[str] = opt(None, "prompts with gold answers (task suite) for the over-optimization monitor")
     gold_every: int = opt(0, "evaluate gold accuracy every N iterations (0 = off)", ge=0)
     gold_count: int = opt(64, "gold prompts per evaluation", gt=0)
+
+    def needs_critic(self) -> bool:
+        """Only GAE learns a value function; the other estimators take their baseline from the samples."""
+        return self.advantage_estimator == "gae"
+
+    def validate(self) -> None:
+        if not self.reward_model and not self.reward_fn:
+            raise RecipeError("give ppo.reward_model, ppo.reward_fn or both", key="reward_model")
+        if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise RecipeError(f"{self.advantage_estimator} compares the responses of one prompt: needs at least 2, "
+                              f"got {self.samples_per_prompt}", key="samples_per_prompt")
+        if self.advantage_estimator == "gae" and self.critic_init == "reward" and not self.reward_model:
+            raise RecipeError("there is no reward model to start the critic from; use critic_init: actor",
+                              key="critic_init")
+        unknown = sorted(set(self.reward_weights) - {"reward_model", "reward_fn"})
+        if unknown:
+            raise RecipeError(f"expected keys reward_model and reward_fn, got {unknown[0]!r}", key="reward_weights")
 
 
 @dataclass(kw_only=True)

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from data_formats.schemas import parse_prompt
 from rlhf.artifacts import RunFolder, check_parents
-from rlhf.data import encode_prompts, load_gold_prompts, load_split, plan_batches
+from rlhf.data import plan_batches
 from rlhf.kl_control import KL_CONTROLLERS
-from rlhf.losses import gae, kl_penalized_rewards, masked_whiten, per_token_kl
+from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
 from rlhf.models import tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
-from rlhf.ppo import (Experience, check_launch, filtered_sampling_warning, fold_normalization, global_whiten_stats,
-                      iterations_of, load_roles, memory_report, no_grad_passes, prepare_training, reward_stats_of,
-                      rollout_metrics, shape_scores, update)
+from rlhf.ppo import (ADVANTAGES, Experience, filtered_sampling_warning, global_whiten_stats, iterations_of,
+                      load_prompts, no_grad_passes, rollout_metrics, score_rollout, shape_scores, update, whitened)
+from rlhf.rewards import load_reward_fn
+from rlhf.roles import check_launch, episodes, load_roles, memory_report, prepare_training, reward_scale
 from rlhf.recipes import PPORecipe, derived
 from rlhf.rollout import row_keys, sample
 from rlhf.runtime import make_accelerator, seed_everything
@@ -40,7 +40,7 @@ from rlhf.scaffold import Scaffold, Stopwatch
 
 def run(recipe: PPORecipe) -> Path:
     accelerator = make_accelerator(recipe.train.mixed_precision)
-    check_launch(accelerator)
+    check_launch(accelerator, recipe.ppo)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final
@@ -48,36 +48,30 @@ def run(recipe: PPORecipe) -> Path:
     check_parents(recipe)
     model_section, ppo, generate, train = recipe.model, recipe.ppo, recipe.generate, recipe.train
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    k, episodes_per_iteration = ppo.samples_per_prompt, ppo.rollout_batch_size * ppo.samples_per_prompt
+    reward_fn = load_reward_fn(ppo.reward_fn) if ppo.reward_fn else None  # import problems before any model loads
 
     # --- data: prompts (and gold-scored held-out prompts for the monitor) ---------------------------------------
     tokenizer = tokenizer_for(model_section)
-    split = load_split(recipe.data, parse_prompt, recipe.seed)
-    prompts, prompt_counts = encode_prompts(split.train, tokenizer, recipe.data.max_prompt_len)
-    gold_prompts = load_gold_prompts(ppo.gold_prompts, recipe.data.template, tokenizer, recipe.data.max_prompt_len,
-                                     ppo.gold_count, recipe.seed) if ppo.gold_prompts and ppo.gold_every else []
-    folder.counts = {**split.counts, **prompt_counts, "gold_prompts": len(gold_prompts)}
-    for name, path in (("model", model_section.name_or_path), ("reward_model", ppo.reward_model),
-                       ("data.train", recipe.data.train), ("ppo.gold_prompts", gold_prompts and ppo.gold_prompts)):
-        folder.input(name, path)
+    prompts, gold_prompts = load_prompts(recipe, tokenizer, folder)
 
-    # --- the four roles: actor and critic trained (train mode), reference and reward frozen -----------------------
+    # --- the roles: actor (and critic) trained, reference and reward model frozen ------------------------------
     roles = load_roles(recipe, tokenizer, device)  # under LoRA the reference is the actor, adapter disabled
     if accelerator.is_main_process:
         print("\n".join(filter(None, [memory_report(roles, device), filtered_sampling_warning(generate)])),
               file=sys.stderr)
     iterations = iterations_of(len(prompts), ppo, train)
-    actor, critic, optimizers, schedulers = prepare_training(accelerator, roles, ppo, train, iterations)
+    models, optimizers, schedulers = prepare_training(accelerator, roles, ppo, train, iterations)
+    actor, critic = models["actor"], models.get("critic")
     policy = accelerator.unwrap_model(actor)
     kl_ctl = KL_CONTROLLERS[ppo.kl_control](ppo.kl_coef, ppo.kl_budget, ppo.kl_horizon)
     monitor, guard = OverOptimizationMonitor(ppo.kl_budget), StepGuard(train)
-    scaffold = Scaffold(accelerator, folder, train, iterations, "ppo", {"actor": actor, "critic": critic}, optimizers,
-                        schedulers, {"kl_controller": kl_ctl, "monitor": monitor, "guard": guard}, unit="iteration")
-    if scaffold.step == 0:  # a fresh run: the statistics that normalize scores, and the critic on their scale
-        stats = scaffold.state["reward_stats"] = reward_stats_of(accelerator, ppo, roles.scorer, policy, prompts,
-                                                                 generate, tokenizer, recipe.seed)
-        if stats and ppo.critic_init == "reward":
-            fold_normalization(accelerator.unwrap_model(critic), stats["mean"], stats["std"])
-    roles.scorer.use_stats(scaffold.state["reward_stats"])
+    scaffold = Scaffold(accelerator, folder, train, iterations, "ppo", models, optimizers, schedulers,
+                        {"kl_controller": kl_ctl, "monitor": monitor, "guard": guard}, unit="iteration")
+    if scaffold.step == 0:  # a fresh run: the statistics that normalize scores (and the critic on their scale)
+        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, policy, prompts, tokenizer)
+    if roles.scorer is not None:
+        roles.scorer.use_stats(scaffold.state["reward_stats"])
     gold = partial(gold_check, accelerator, policy, tokenizer, gold_prompts, generate, roles.scorer, recipe.seed,
                    monitor)
     if gold_prompts and scaffold.step == 0:
@@ -88,49 +82,51 @@ def run(recipe: PPORecipe) -> Path:
     for it in scaffold.steps():
         (mine,) = plan_batches(len(prompts), ppo.rollout_batch_size, per_rank, rank, world, recipe.seed,
                                it // per_epoch, it % per_epoch)
-        batch, watch = [prompts[i] for i in mine], Stopwatch()
+        rows, keys = episodes(mine, k)  # k responses per prompt, each with its own noise
+        batch, watch = [prompts[i] for i in rows], Stopwatch()
 
         # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
         with watch("time/generate_s"):
             gen = sample(policy, batch, generate, tokenizer.eos_token_id, tokenizer.pad_token_id, device,
-                         row_keys(recipe.seed, it, mine, device), synced=True)
+                         row_keys(recipe.seed, it, keys, device), synced=True)
 
-        # 2. score prompt+response once with the frozen reward model
+        # 2. score prompt+response once: the frozen reward model and/or the reward function
         with watch("time/score_s"):
-            raw_scores = roles.scorer.score_generation(gen, [p["prompt"] for p in batch], tokenizer)
+            raw_scores, sources = score_rollout(roles.scorer, reward_fn, ppo.reward_weights, gen, batch, tokenizer)
             scores = shape_scores(raw_scores, gen.ended, ppo.missing_eos_penalty, ppo.reward_clip)
 
         # 3. old logprobs (actor), reference logprobs, values (critic): no grad
         with watch("time/ref_values_s"):
             old_logprobs, ref_logprobs, old_values, entropy = no_grad_passes(
-                policy, accelerator.unwrap_model(critic), roles.reference, gen.sequences, gen.attention_mask,
-                gen.prompt_width, train.micro_batch_size, temperature, accelerator.autocast)
+                policy, critic and accelerator.unwrap_model(critic), roles.reference, gen.sequences,
+                gen.attention_mask, gen.prompt_width, train.micro_batch_size, temperature, accelerator.autocast)
         mask = gen.response_mask.float()
-        old_logprobs, ref_logprobs, old_values = old_logprobs * mask, ref_logprobs * mask, old_values * mask
+        old_logprobs, ref_logprobs = old_logprobs * mask, ref_logprobs * mask
+        old_values = old_values * mask if old_values is not None else None
 
-        # 4. rewards: -kl_coef * KL per token, the score at the last token; 5. GAE, advantages whitened
+        # 4. rewards: -kl_coef * KL per token (kl_in: reward), the score at the last token; 5. advantages
         kl = per_token_kl(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
-        rewards = kl_penalized_rewards(scores, kl, mask, kl_ctl.value)
-        advantages, returns = gae(rewards, old_values, mask, ppo.gamma, ppo.gae_lambda)
-        if ppo.whiten_advantages:
+        rewards = kl_penalized_rewards(scores, kl, mask, kl_ctl.value if ppo.kl_in == "reward" else 0.0)
+        advantages, returns = ADVANTAGES[ppo.advantage_estimator](rewards, old_values, mask, ppo, k)
+        if whitened(ppo):
             mean, var = global_whiten_stats(accelerator, advantages, mask)
             advantages = masked_whiten(advantages, mask, mean=mean, var=var)
         exp = Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, prompt_width=gen.prompt_width,
                          response_mask=mask, ended=gen.ended, raw_scores=raw_scores, scores=scores,
                          old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values, entropy=entropy,
-                         kl=kl, rewards=rewards, advantages=advantages, returns=returns)
+                         kl=kl, rewards=rewards, advantages=advantages, returns=returns, sources=sources)
 
-        # 6. K epochs x minibatches of clipped updates of actor and critic
+        # 6. K epochs x minibatches of clipped updates of the actor (and critic)
         with watch("time/update_s"):
             stats = update(accelerator, actor, critic, optimizers, schedulers, guard, exp, ppo, train, temperature,
-                           it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it))
+                           kl_ctl.value, it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it))
 
         # 7. metrics, KL controller, gold monitor
-        metrics = {**rollout_metrics(accelerator, exp, kl_ctl.value, ppo.rollout_batch_size,
+        metrics = {**rollout_metrics(accelerator, exp, kl_ctl.value, episodes_per_iteration,
                                      watch.seconds["time/generate_s"]), **stats, **watch.seconds}
         metrics["train/lr"] = schedulers["actor"].get_last_lr()[0]
         metrics["train/nonfinite_skipped"] = guard.skipped
-        kl_ctl.update(metrics["objective/kl"], ppo.rollout_batch_size)
+        kl_ctl.update(metrics["objective/kl"], episodes_per_iteration)
         if gold_prompts and ((it + 1) % ppo.gold_every == 0 or it + 1 == iterations):
             metrics.update(gold(it + 1, metrics["objective/kl"]))
         scaffold.log(it + 1, metrics, {"score": f"{metrics['objective/score']:.3f}",
@@ -139,9 +135,12 @@ def run(recipe: PPORecipe) -> Path:
 
     # --- artifacts: the actor (adapter on the sft model, or full) and the critic ------------------------------------
     info = save_model(accelerator, actor, tokenizer, folder.partial / "model", base=model_section.name_or_path)
-    critic_info = save_model(accelerator, critic, tokenizer, folder.partial / "critic",
-                             base=ppo.reward_model if ppo.critic_init == "reward" else model_section.name_or_path)
+    extra = {"model_info": info, "kl_controller": kl_ctl.state_dict(), "reward_stats": scaffold.state["reward_stats"],
+             "rewards": {"advantage_estimator": ppo.advantage_estimator, "reward_model": ppo.reward_model,
+                         "reward_fn": ppo.reward_fn, "reward_weights": ppo.reward_weights}}
+    if critic is not None:
+        extra["critic_info"] = save_model(accelerator, critic, tokenizer, folder.partial / "critic",
+                                          base=ppo.reward_model if ppo.critic_init == "reward" else
+                                          model_section.name_or_path)
     final["train/iterations"] = iterations
-    return folder.finish(final, extra={"model_info": info, "critic_info": critic_info,
-                                       "kl_controller": kl_ctl.state_dict(),
-                                       "reward_stats": scaffold.state["reward_stats"]}, derived=derived(recipe))
+    return folder.finish(final, extra=extra, derived=derived(recipe))

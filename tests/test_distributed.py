@@ -23,6 +23,8 @@ COMPARED = {
     "dpo": ["train/loss/dpo", "train/rewards/margin", "eval/loss/dpo"],
     "ppo": ["objective/score", "objective/kl", "loss/policy", "loss/value", "policy/approx_kl", "gold/accuracy",
             "gold/proxy_score"],
+    "grpo": ["objective/score", "objective/reward_fn", "objective/kl", "loss/policy", "loss/kl", "policy/approx_kl",
+             "gold/accuracy"],
 }
 EXTRA = {
     "sft": ["train.max_steps=6", "train.batch_size=16", "train.micro_batch_size=4", "train.eval_every=3",
@@ -33,7 +35,13 @@ EXTRA = {
             "train.log_every=1"],
     "ppo": ["train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=2", "ppo.rollout_batch_size=16",
             "ppo.gold_every=1", "ppo.gold_count=7"],  # 7 gold prompts: shards of 4 and 3 on two processes
+    # GRPO with the reward model and gold rewards: each process samples its prompts' groups of 2 (keys per prompt
+    # and sample), the whole rollout is the same for 1 and 2 processes
+    "grpo": ["train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=2", "ppo.rollout_batch_size=8",
+             "ppo.samples_per_prompt=2", "ppo.advantage_estimator=grpo", "ppo.reward_fn=gold", "ppo.kl_in=loss",
+             "ppo.gold_every=1", "ppo.gold_count=7"],
 }
+STAGE = {"grpo": "ppo"}
 
 
 def launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
@@ -57,12 +65,12 @@ def curve(run: Path, keys: list[str]) -> dict[tuple[int, str], float]:
     return out
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
 def test_one_and_two_processes_give_the_same_curves(chain, tmp_path, stage):
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"
-        done = launch(cli_args(stage, chain["root"], *EXTRA[stage], f"output_dir={out}"), n)
+        done = launch(cli_args(STAGE.get(stage, stage), chain["root"], *EXTRA[stage], f"output_dir={out}"), n)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[n] = out
     one, two = curve(runs[1], COMPARED[stage]), curve(runs[2], COMPARED[stage])

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import (dpo_loss, entropy_from_logits, gae, kl_penalized_rewards,
+from rlhf.losses import (aggregate_loss, discounted_returns, dpo_loss, entropy_from_logits, gae, grpo_advantages,
+                         kl_loss, kl_penalized_rewards, rloo_advantages,
                          logprobs_from_logits, masked_mean, masked_var, masked_whiten, pairwise_loss, per_token_kl,
                          ppo_policy_loss, ppo_value_loss, sequence_logps)
 
@@ -208,3 +209,67 @@ def test_dpo_gradient_matches_the_formula_at_small_beta():
     expected = -beta * torch.sigmoid(-beta * h) / 2  # d/dπ_c of mean(−log σ(βh))
     assert torch.allclose(pc.grad, expected, rtol=1e-6)
     assert torch.allclose(pc.grad, torch.full((2,), -beta / 4), rtol=1e-3)  # σ(0) = 1/2 as β → 0
+
+
+# --- critic-free estimators (issue: GRPO, RLOO, REINFORCE++) ------------------------------------------------------
+
+
+def test_grpo_advantages_against_a_plain_loop():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0, 3.0, 0.5, -2.0, 4.0, 1.0])
+    k = 4
+    for scale in (True, False):
+        got = grpo_advantages(scores, k, scale_by_std=scale)
+        for g in range(len(scores) // k):
+            group = scores[g * k:(g + 1) * k].tolist()
+            mean = sum(group) / k
+            std = math.sqrt(sum((x - mean) ** 2 for x in group) / (k - 1))  # Bessel-corrected
+            for i, x in enumerate(group):
+                expected = (x - mean) / (std + 1e-6) if scale else x - mean
+                assert got[g * k + i].item() == pytest.approx(expected, abs=1e-9)
+    assert torch.all(grpo_advantages(scores, k)[4:8] == 0)  # a group that scores alike teaches nothing
+
+
+def test_rloo_advantages_against_a_plain_loop():
+    scores = torch.tensor([1.0, 0.0, 2.0, 5.0, -1.0, 1.0])
+    for k in (2, 3):
+        got = rloo_advantages(scores, k)
+        for i, x in enumerate(scores.tolist()):
+            group = scores[(i // k) * k:(i // k + 1) * k].tolist()
+            others = sum(group) - x
+            assert got[i].item() == pytest.approx(x - others / (k - 1), abs=1e-12)
+
+
+def test_discounted_returns_against_a_plain_loop():
+    torch.manual_seed(3)
+    rewards = torch.randn(3, 4)
+    for gamma in (1.0, 0.9):
+        got = discounted_returns(rewards, MASK, gamma)
+        for b in range(3):
+            n = int(MASK[b].sum())
+            for t in range(4):
+                expected = sum(gamma ** (s - t) * rewards[b, s].item() for s in range(t, n)) if t < n else 0.0
+                assert got[b, t].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_token_and_sequence_aggregation_weigh_responses_differently():
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # MASK rows hold 4, 2 and 3 tokens
+    assert aggregate_loss(values, MASK, "token").item() == pytest.approx((4 + 8) / 9)
+    assert aggregate_loss(values, MASK, "sequence").item() == pytest.approx((1 + 4 + 0) / 3)
+    # split over two "processes" with the global counts as normalizers: the sums give the whole batch's value
+    for how, total in (("token", MASK.sum()), ("sequence", 3.0)):
+        split = aggregate_loss(values[:1], MASK[:1], how, total) + aggregate_loss(values[1:], MASK[1:], how, total)
+        assert split.item() == pytest.approx(aggregate_loss(values, MASK, how).item())
+    with pytest.raises(ValueError, match="token or sequence"):
+        aggregate_loss(values, MASK, "rows")
+
+
+def test_kl_loss_is_the_k3_estimate_with_a_gradient():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0]])
+    loss, stats = kl_loss(logp, ref, torch.ones(1, 2))
+    r = torch.exp(ref - logp.detach())
+    assert loss.item() == pytest.approx(((r - 1) - torch.log(r)).mean().item())
+    loss.backward()
+    assert torch.allclose(logp.grad, (1 - r) / 2)  # d/dlogp [e^(ref-logp) - (ref-logp) - 1] = 1 - e^(ref-logp)
+    assert stats["loss/kl"] == loss.detach()

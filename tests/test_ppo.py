@@ -23,7 +23,8 @@ from rlhf.cli import main
 from rlhf.forward import response_logprobs
 from rlhf.models import ScalarHead, apply_lora, disable_dropout, hf_model, load_tokenizer
 from rlhf.monitor import OverOptimizationMonitor
-from rlhf.ppo import critic_values, filtered_sampling_warning, fold_normalization, load_roles
+from rlhf.ppo import critic_values, filtered_sampling_warning
+from rlhf.roles import fold_normalization, load_roles
 from rlhf.recipes import load_recipe
 from rlhf.sections import GenerateSection, LoraSection, PromptData
 from rlhf.rollout import Generation, decode_responses

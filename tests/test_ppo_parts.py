@@ -82,17 +82,20 @@ def test_kl_controllers():
 def test_rollout_metrics_means_and_explained_variance():
     from accelerate import Accelerator
 
+    from rlhf.losses import kl_penalized_rewards
     from rlhf.ppo import Experience, rollout_metrics
 
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
     values = torch.tensor([[1.0, 2.0, 2.0], [4.0, 6.0, 0.0]])  # residuals 0, 0, 1, 0, -1
     zeros = torch.zeros(2, 3)
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])
+    scores = torch.tensor([0.0, 2.0])
     exp = Experience(sequences=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5), prompt_width=2,
                      response_mask=mask, ended=torch.tensor([True, False]), raw_scores=torch.tensor([1.0, 3.0]),
-                     scores=torch.tensor([0.0, 2.0]), old_logprobs=zeros, ref_logprobs=zeros, old_values=values,
-                     entropy=mask * 0.5, kl=torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]]), rewards=zeros,
-                     advantages=zeros, returns=returns)
+                     scores=scores, old_logprobs=zeros, ref_logprobs=zeros, old_values=values, entropy=mask * 0.5,
+                     kl=kl, rewards=kl_penalized_rewards(scores, kl * mask, mask, 0.1), advantages=zeros,
+                     returns=returns, sources={"reward_model": torch.tensor([1.0, 3.0])})
     out = rollout_metrics(Accelerator(cpu=True), exp, kl_coef=0.1, rows_global=2, generate_s=0.5)
     # explained variance over the 5 real tokens, with population variances: 1 - Var[R - V] / Var[R]
     real = mask.bool()

@@ -57,6 +57,8 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     pytest.param("ppo", ["train.max_steps=4", "train.save_every=2", "ppo.gold_every=0", "ppo.kl_control=adaptive",
                          "ppo.kl_budget=0.5", "ppo.kl_horizon=16", "ppo.reward_stats=policy"], 2,
                  id="ppo-adaptive-kl-policy-stats"),
+    pytest.param("ppo", ["train.max_steps=4", "train.save_every=2", "ppo.gold_every=0", "ppo.advantage_estimator=grpo",
+                         "ppo.samples_per_prompt=2", "ppo.reward_fn=gold", "ppo.reward_model=null"], 2, id="grpo"),
 ])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(chain, tmp_path, stage, extra, kill_at):
     whole = run_cli(cli_args(stage, chain["root"], *extra, f"output_dir={tmp_path}/whole"))
