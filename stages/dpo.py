@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_formats.chat import install_chat_template
 from data_formats.schemas import parse_preference
 from rlhf import loop
 from rlhf.artifacts import RunFolder, expect_run
@@ -52,8 +53,9 @@ def run(recipe: DPORecipe) -> Path:
 
     # --- data --------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
-                               trust_remote_code=m.trust_remote_code)
-    split = load_split(d, lambda raw, t: parse_preference(raw, t, d.format), recipe.seed)
+                               trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
+    split = load_split(d, lambda raw, t: parse_preference(raw, t, d.format), recipe.seed, tokenizer=tokenizer)
+    install_chat_template(tokenizer, d.template)  # the saved tokenizer renders what was trained
     train, train_counts = encode_preferences(split.train, tokenizer, d.max_len, d.max_prompt_len)
     evals, _ = encode_preferences(split.eval, tokenizer, d.max_len, d.max_prompt_len) if split.eval else ([], {})
     folder.counts = {**split.counts, **train_counts,

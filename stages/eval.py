@@ -97,7 +97,7 @@ def run(recipe: EvalRecipe) -> Path:
             tokenizer = load_tokenizer(spec, key, pad_token=e.pad_token, trust_remote_code=e.trust_remote_code,
                                        pad_key="eval.pad_token")
             records = read_prompts(e.prompts, "eval.prompts", recipe.seed, e.template, "eval.template",
-                                   e.max_prompts)
+                                   e.max_prompts, tokenizer)
             prompts, _ = encode_prompts(records, tokenizer, e.max_prompt_len)
             model = load_model(spec, key, vocab=len(tokenizer), **load).to(device).eval()
             same_vocab = reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0]

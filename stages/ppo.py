@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
+from data_formats.chat import install_chat_template
 from data_formats.schemas import parse_prompt
 from rlhf import checkpoint
 from rlhf.artifacts import MetricsLog, RunFolder, expect_run
@@ -56,8 +57,9 @@ def run(recipe: PPORecipe) -> Path:
 
     # --- data: prompts (and gold-scored held-out prompts for the monitor) ---------------------------
     tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
-                               trust_remote_code=m.trust_remote_code)
-    split = load_split(recipe.data, parse_prompt, recipe.seed)
+                               trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
+    split = load_split(recipe.data, parse_prompt, recipe.seed, tokenizer=tokenizer)
+    install_chat_template(tokenizer, recipe.data.template)  # the saved tokenizer renders what was trained
     prompts, prompt_counts = encode_prompts(split.train, tokenizer, recipe.data.max_prompt_len)
     gold_prompts = []
     if o.gold_prompts and o.gold_every:

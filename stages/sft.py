@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from data_formats.chat import install_chat_template
 from data_formats.schemas import parse_alpaca
 from rlhf import loop
 from rlhf.artifacts import RunFolder, expect_run
-from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, to_device
+from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, prompt_ids, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
 from rlhf.models import apply_lora, count_parameters, load_model, load_tokenizer
@@ -40,8 +41,9 @@ def run(recipe: SFTRecipe) -> Path:
 
     # --- data --------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(m.name_or_path, pad_token=m.pad_token, revision=m.revision,
-                               trust_remote_code=m.trust_remote_code)
-    split = load_split(recipe.data, parse_alpaca, recipe.seed)
+                               trust_remote_code=m.trust_remote_code, chat_template=m.chat_template)
+    split = load_split(recipe.data, parse_alpaca, recipe.seed, tokenizer=tokenizer)
+    install_chat_template(tokenizer, recipe.data.template)  # the saved tokenizer renders what was trained
     encode = dict(max_len=recipe.data.max_len, train_on_prompt=recipe.data.train_on_prompt,
                   max_prompt_len=recipe.data.max_prompt_len)
     train, train_counts = encode_sft(split.train, tokenizer, **encode)
@@ -102,9 +104,8 @@ def run(recipe: SFTRecipe) -> Path:
     if recipe.samples:
         # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
         records = (split.eval or split.train)[: recipe.samples]
-        prompt_ids = tokenizer([r.prompt for r in records], add_special_tokens=True)["input_ids"]
-        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids, recipe.generate, accelerator.device,
-                        synced=True)
+        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids(records, tokenizer), recipe.generate,
+                        accelerator.device, synced=True)
         if accelerator.is_main_process:
             write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row} for r, row in zip(records, rows)])
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
