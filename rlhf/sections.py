@@ -273,6 +273,8 @@ class TaskSuiteSection:
     prompt_records: int = opt(1000, "prompt-only records for PPO rollouts", gt=0)
     eval_records: int = opt(200, "held-out records for each eval split", gt=0)
     corpus_documents: int = opt(20000, "pretraining corpus documents", gt=0)
+    format: Literal["alpaca", "messages"] = opt("alpaca", "record files as Alpaca fields, or as conversations "
+                                                          "(messages; chosen/rejected turns) for data.template: chat")
 
     def validate(self) -> None:
         if self.max_items < self.min_items:

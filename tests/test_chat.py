@@ -458,7 +458,7 @@ def test_install_keeps_a_chat_format_and_replaces_a_stale_one(capsys):
     assert "renders the text template 'plain' it was trained with (replacing" in capsys.readouterr().out
 
 
-# --- the shipped demo stays the same ---------------------------------------------------------------------------
+# --- the shipped demo stays the same; the task suite as conversations -----------------------------------------
 
 
 def old_encode(prompt: str, response: str | None, tokenizer) -> tuple[list[int], list[int]]:
@@ -497,6 +497,23 @@ def test_alpaca_records_encode_as_before(tmp_path, template):
         assert q["meta"]["answer"] == row["answer"]
 
 
+def test_task_suite_as_conversations():
+    suite = tasks.generate(small_suite(), seed=0)
+    talk = tasks.as_conversations(suite)
+    assert talk["corpus"] == suite["corpus"] and len(talk["prefs"]) == len(suite["prefs"])
+    row = suite["sft"][0]
+    assert talk["sft"][0] == {"messages": [user(f"{row['instruction']}\n\n{row['input']}"), assistant(row["output"])],
+                              "task": row["task"], "answer": row["answer"]}
+    tok = chatml()
+    fmt = make_format("chat", tok)
+    for name, parse in (("sft", parse_alpaca), ("prefs", parse_preference)):
+        for alpaca, conv in zip(suite[name], talk[name]):
+            assert parse(Raw("a", alpaca), fmt) == parse(Raw("a", conv), fmt)  # the same rendering either way
+    for alpaca, conv in zip(suite["eval_prompts"], talk["eval_prompts"]):
+        rec = parse_prompt(Raw("a", conv), fmt)
+        assert rec.prompt == parse_prompt(Raw("a", alpaca), fmt).prompt and tasks.has_gold(rec.meta)
+
+
 # --- stages ------------------------------------------------------------------------------------------------------
 
 
@@ -516,3 +533,34 @@ def test_saved_tokenizers_render_the_text_template_they_were_trained_with(chain,
             "<s>" + expected
         assert saved.apply_chat_template([user(question)], add_generation_prompt=True)["input_ids"] == \
             saved(expected)["input_ids"]
+
+
+def test_a_chat_chain_on_the_task_suite_as_conversations(chain, tmp_path):
+    """tasks (format: messages) -> sft with data.template chat and the shipped ChatML on the base model ->
+    dpo -> eval with each model's chat template."""
+    from rlhf.models import load_model
+    from tests.chain import run_stage
+
+    data = run_stage("tasks", chain["root"], "tasks.format=messages", f"output_dir={tmp_path}/tasks")
+    first = json.loads((data / "sft.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"] and "answer" in first
+    sft = run_stage("sft", chain["root"], f"data.train={data}/sft.jsonl", "data.eval=null", "data.template=chat",
+                    "model.chat_template=chatml", "train.max_steps=2", "train.eval_every=0",
+                    f"output_dir={tmp_path}/sft")
+    tok = AutoTokenizer.from_pretrained(sft / "model")
+    assert tok.apply_chat_template([user("hi")], tokenize=False, add_generation_prompt=True) == \
+        "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    base_vocab = AutoTokenizer.from_pretrained(chain["pretrain"] / "model").__len__()
+    assert len(tok) == base_vocab + 2  # <|im_start|>, <|im_end|>; the adapter carries the grown embeddings
+    assert load_model(str(sft)).get_input_embeddings().weight.shape[0] == len(tok)
+    assert "<\\|im_start\\|>assistant<br> |" in (sft / "samples.md").read_text()  # sampled after the chat prompt
+    dpo = run_stage("dpo", chain["root"], f"model.name_or_path={sft}", f"data.train={data}/prefs.jsonl",
+                    "data.eval=null", "data.template=chat", "train.max_steps=2", "train.eval_every=0",
+                    f"output_dir={tmp_path}/dpo")
+    assert AutoTokenizer.from_pretrained(dpo / "model").chat_template == tok.chat_template
+    result = run_stage("eval", chain["root"], f"eval.models={{sft: {sft}, dpo: {dpo}}}", "eval.template=chat",
+                       f"eval.prompts={data}/eval_prompts.jsonl", "eval.max_prompts=8", f"eval.reference={sft}",
+                       f"output_dir={tmp_path}/eval")
+    results = json.loads((result / "eval.json").read_text())["results"]
+    assert [r["gold_prompts"] for r in results] == [8, 8]
+    assert all(s["prompt"].endswith("<|im_start|>assistant\n") for r in results for s in r["samples"])
