@@ -1,2 +1,3 @@
-"""Record formats (Alpaca, pairwise preference, prompt-only), prompt templates, converters and the
-built-in verifiable task suite. Templates are data files in `templates/`."""
+"""Record formats (Alpaca, conversations, pairwise preference, prompt-only), how they are rendered (text
+templates, chat templates), converters and the built-in verifiable task suite. Text templates and the
+shipped chat template are data files in `templates/`."""

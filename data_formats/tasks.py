@@ -13,7 +13,8 @@ Families (difficulty knobs: list length `min_items..max_items`, alphabet size):
 From one seed the suite emits a pretraining corpus, an Alpaca SFT set (a fraction `sft_noise` of its
 answers replaced by plausible wrong ones, like imperfect human demonstrations), pairwise preferences
 (chosen = correct, rejected = a plausible wrong answer), PPO prompts and held-out evaluation prompts,
-all disjoint from one another, plus `grade`, the gold scorer.
+all disjoint from one another, plus `grade`, the gold scorer. `as_conversations` rewrites the record
+splits in the conversational forms (`messages`; chosen/rejected turns).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Callable
+
+from data_formats.chat import user_message
 
 Items = list[str]
 
@@ -221,3 +224,24 @@ def generate(cfg, seed: int) -> dict[str, list]:
         "prompts": [_record(f, xs) for f, xs in prompts],
         "eval_prompts": [_record(f, xs) for f, xs in eval_prompts],
     }
+
+
+def as_conversations(suite: dict[str, list]) -> dict[str, list]:
+    """The record splits as conversations: SFT {"messages": [user, assistant]}, preferences {"chosen":
+    [user, assistant], "rejected": [user, assistant]} (the shared user turn is the prompt, as in
+    UltraFeedback-binarized), prompts {"messages": [user]}; `task` and `answer` are kept (gold scoring).
+    The user turn is what `data.template: chat` makes of the Alpaca record, so both forms train alike."""
+
+    def turns(row: dict, reply: str | None = None) -> list[dict]:
+        user = {"role": "user", "content": user_message(row["instruction"], row["input"])["content"]}
+        return [user] + ([{"role": "assistant", "content": reply}] if reply is not None else [])
+
+    def convert(name: str, row: dict) -> dict:
+        gold = {"task": row["task"], "answer": row["answer"]}
+        if name in ("sft", "sft_eval"):
+            return {"messages": turns(row, row["output"]), **gold}
+        if name in ("prefs", "prefs_eval"):
+            return {"chosen": turns(row, row["chosen"]), "rejected": turns(row, row["rejected"]), **gold}
+        return {"messages": turns(row), **gold}
+
+    return {name: rows if name == "corpus" else [convert(name, row) for row in rows] for name, rows in suite.items()}

@@ -2,8 +2,9 @@
 
 Validates the recipe and every data file the stage will read (training data, ppo gold prompts, the
 pretraining corpus, eval prompts, export parity prompts; first error with file:line), loads the
-tokenizers, checks pad != eos, that EOS ends the trained labels, that the reward head reads the last
-non-pad token, and prints two rendered examples showing which tokens are trained, the token-length
+tokenizers, checks pad != eos, that EOS (or the chat template's end-of-turn token) ends the trained
+labels, that the reward head reads the last non-pad token, and prints two rendered examples showing
+which tokens are trained (every assistant turn of a conversation), the token-length
 distribution and how many records truncation drops or cuts (information: the stages train on cut
 records). Exit 0 when ready, 2 when not (the CLI prints the error line).
 """
@@ -19,7 +20,7 @@ from rlhf.data import (IGNORE_INDEX, collate_pairs, encode_preferences, encode_p
                        load_gold_prompts, load_split, read_corpus, read_prompts)
 from rlhf.errors import UserError
 from rlhf.losses import last_token_index
-from rlhf.models import load_tokenizer, model_dir, tokenizer_for
+from rlhf.models import load_tokenizer, model_dir, stop_token_ids, tokenizer_for
 from rlhf.recipes import load_recipe
 from rlhf.rewards import check_records, load_reward_fn
 
@@ -69,35 +70,58 @@ def _show(texts: list[str], title: str = "---") -> None:
         print(text)
 
 
+def end_of_response(fmt, tokenizer) -> tuple[int, str]:
+    """(id, name) of the token that ends a trained response: EOS, or the chat template's end of turn."""
+    if fmt.eos:
+        return tokenizer.eos_token_id, "EOS"
+    return tokenizer.convert_tokens_to_ids(fmt.end), f"the end-of-turn token {fmt.end!r}"
+
+
 def check_sft(recipe, tokenizer, style: Style) -> None:
     data = recipe.data
-    split = load_split(data, parse_alpaca, recipe.seed)
+    split = load_split(data, parse_alpaca, recipe.seed, tokenizer=tokenizer)
     examples, counts = encode_sft(split.train, tokenizer, data.max_len, data.train_on_prompt,
                                   max_prompt_len=data.max_prompt_len)
     _report("sft data", {**split.counts, **counts}, [len(e["input_ids"]) for e in examples])
-    no_eos = sum(1 for e in examples if e["labels"][-1] != tokenizer.eos_token_id)
+    end, name = end_of_response(split.format, tokenizer)
+    no_eos = sum(1 for e in examples if e["labels"][-1] != end)
     if no_eos == len(examples):
-        raise_error("no example ends its trained labels with EOS: the model would never learn to stop",
+        raise_error(f"no example ends its trained labels with {name}: the model would never learn to stop",
                     "data.max_len")
-    print(f"EOS ends the labels of {len(examples) - no_eos} of {len(examples)} examples (the rest were cut)")
+    print(f"{name} ends the labels of {len(examples) - no_eos} of {len(examples)} examples (the rest were cut)")
+    if split.format.chat and not split.format.eos:
+        _turns_tokenize_as_one(split.train[:200], tokenizer)
     _show([render(tokenizer, e["input_ids"], [lab != IGNORE_INDEX for lab in e["labels"]], style)
            for e in examples])
 
 
+def _turns_tokenize_as_one(records: list, tokenizer) -> None:
+    """Training tokenizes a conversation turn by turn (the prompt as generation sees it); say whether that
+    equals tokenizing the whole rendered text, as a chat client does (a tokenizer may merge across turns)."""
+    examples, _ = encode_sft(records, tokenizer, 10 ** 9, train_on_prompt=True)
+    texts = [r.prompt + r.response + "".join(turn.text for turn in r.rest) for r in records]
+    whole = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    same = sum(e["input_ids"] == ids for e, ids in zip(examples, whole))
+    print(f"turn-by-turn token ids equal those of the whole rendered conversation in {same} of {len(records)} "
+          f"examples" + ("" if same == len(records) else " (the tokenizer merges text across turn boundaries; "
+                                                          "training keeps the ids generation sees after each prompt)"))
+
+
 def _whole(pair: dict, eos: int) -> bool:
-    """Both responses still end in EOS, i.e. truncation cut neither."""
+    """Both responses still end in EOS (or the end-of-turn token), i.e. truncation cut neither."""
     return pair["chosen_ids"][-1] == eos and pair["rejected_ids"][-1] == eos
 
 
 def check_pairs(recipe, tokenizer, style: Style, reward_head: bool) -> None:
     data = recipe.data
-    split = load_split(data, lambda raw, template: parse_preference(raw, template, data.format), recipe.seed)
+    split = load_split(data, lambda raw, fmt: parse_preference(raw, fmt, data.format), recipe.seed,
+                       tokenizer=tokenizer)
     pairs, counts = encode_preferences(split.train, tokenizer, data.max_len, data.max_prompt_len)
     _report("preference data", {**split.counts, **counts},
             [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs])
     # the stage trains on truncated pairs too, so truncation is information here, not a failure; the
     # examples shown (and the reward-head check) use pairs that kept their EOS when there are any
-    eos = tokenizer.eos_token_id
+    eos, _ = end_of_response(split.format, tokenizer)
     shown = [p for p in pairs if _whole(p, eos)][:SHOWN] or pairs[:SHOWN]
     batch = collate_pairs(shown, tokenizer.pad_token_id)
     last = last_token_index(batch["attention_mask"])
@@ -112,14 +136,15 @@ def check_pairs(recipe, tokenizer, style: Style, reward_head: bool) -> None:
                         f"response {tokenizer.decode([ids[-1]])!r}", "data")
     if reward_head:
         cut = sum(1 for p in shown if not _whole(p, eos))
-        what = f"{tokenizer.eos_token!r}" if not cut else \
-            f"{tokenizer.eos_token!r}, or the last kept token of a truncated response ({cut} of {len(shown)} shown)"
+        end = repr(tokenizer.convert_ids_to_tokens(eos))
+        what = end if not cut else \
+            f"{end}, or the last kept token of a truncated response ({cut} of {len(shown)} shown)"
         print(f"reward head reads the last non-pad token of every row: {what} (checked on a padded batch of "
               f"{batch['input_ids'].shape[0]} rows)")
 
 
 def check_prompts(recipe, tokenizer) -> None:
-    split = load_split(recipe.data, parse_prompt, recipe.seed)
+    split = load_split(recipe.data, parse_prompt, recipe.seed, tokenizer=tokenizer)
     prompts, counts = encode_prompts(split.train, tokenizer, recipe.data.max_prompt_len)
     _report("prompts", {**split.counts, **counts}, [len(p["prompt_ids"]) for p in prompts])
     if recipe.ppo.reward_fn:  # importable, and (gold) every prompt carries an answer to grade
@@ -153,14 +178,15 @@ def check_corpus(recipe) -> None:
 
 def check_eval(recipe) -> None:
     section = recipe.eval
-    for name, spec in section.models.items():
-        _print_tokenizer(load_tokenizer(spec, f"eval.models.{name}", pad_token=section.pad_token,
-                                        trust_remote_code=section.trust_remote_code, pad_key="eval.pad_token"), name)
     for key, spec in (("eval.reward_model", section.reward_model), ("eval.reference", section.reference)):
         if spec:
             model_dir(spec, key)
-    records = read_prompts(section.prompts, "eval.prompts", recipe.seed, section.template, "eval.template",
-                           section.max_prompts)
+    for name, spec in section.models.items():  # each model's prompts are rendered with its own tokenizer
+        tokenizer = load_tokenizer(spec, f"eval.models.{name}", pad_token=section.pad_token,
+                                   trust_remote_code=section.trust_remote_code, pad_key="eval.pad_token")
+        _print_tokenizer(tokenizer, name)
+        records = read_prompts(section.prompts, "eval.prompts", recipe.seed, section.template, "eval.template",
+                               section.max_prompts, tokenizer)
     gold = sum(1 for r in records if has_gold(r.meta))
     print(f"eval prompts: {len(records)} ({gold} with gold answers), models: {', '.join(section.models)}")
     _show([r.prompt for r in records])
@@ -180,8 +206,10 @@ def check_export(recipe) -> None:
 
 
 def _print_tokenizer(tokenizer, name: str = "") -> None:
+    template = "a chat template" if tokenizer.chat_template else "no chat template"
     print(f"tokenizer{' of ' + name if name else ''}: {len(tokenizer)} tokens, pad {tokenizer.pad_token!r} "
-          f"({tokenizer.pad_token_id}) != eos {tokenizer.eos_token!r} ({tokenizer.eos_token_id})")
+          f"({tokenizer.pad_token_id}) != eos {tokenizer.eos_token!r} ({tokenizer.eos_token_id}), {template}, stop "
+          f"tokens {tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, tokenizer.name_or_path))}")
 
 
 def raise_error(message: str, key: str):

@@ -1,11 +1,13 @@
 """Data for the stages: records -> token ids -> batches.
 
-`load_split` reads and validates records (data_formats), holds out an eval split, and counts what it
-skipped; `read_corpus` reads pretraining text and `load_gold_prompts` the gold-scored prompts of the
-over-optimization monitor. The `encode_*` functions tokenize prompt and response separately and join the ids, so the
-prompt/response boundary is exact and matches what the model sees when it generates. `collate_*`
-build padded (or padding-free packed) tensors; `plan_batches` decides which examples each process
-sees at each step (no duplicates, no drops inside a step).
+`load_split` reads and validates records (data_formats), renders them in the recipe's format (a text
+template, or the tokenizer's chat template), holds out an eval split, and counts what it skipped;
+`read_corpus` reads pretraining text and `load_gold_prompts` the gold-scored prompts of the
+over-optimization monitor. The `encode_*` functions tokenize prompt and responses (turn by turn in a
+conversation) separately and join the ids, so the prompt/response boundary is exact and matches what the
+model sees when it generates; rendered chat text is tokenized without adding special tokens again (the
+template wrote them). `collate_*` build padded (or padding-free packed) tensors; `plan_batches` decides
+which examples each process sees at each step (no duplicates, no drops inside a step).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from typing import Callable
 
 import torch
 
+from data_formats.chat import Segment, make_format
 from data_formats.readers import Invalid, read_records
 from data_formats.schemas import parse_preference, parse_prompt
 from data_formats.tasks import has_gold
-from data_formats.templates import load_template
 from rlhf.errors import DataError, UserError
 from rlhf.sections import PromptData
 
@@ -37,6 +39,7 @@ class Split:
     train: list
     eval: list
     counts: dict = field(default_factory=dict)
+    format: object = None  # the TextFormat / ChatFormat the records were rendered with
 
 
 KEYS = {"train": "data.train", "eval": "data.eval", "template": "data.template",
@@ -58,16 +61,17 @@ def _no_records(invalid: Invalid, spec: str, key: str) -> DataError:
     return DataError("no valid records" + first, spec, key)
 
 
-def load_split(section, parse: Callable, seed: int, keys: dict[str, str] | None = None) -> Split:
-    """Read `data.train` (+ `data.eval` or an `eval_fraction` split) with `parse(raw) -> record`.
+def load_split(section, parse: Callable, seed: int, keys: dict[str, str] | None = None, tokenizer=None) -> Split:
+    """Read `data.train` (+ `data.eval` or an `eval_fraction` split) with `parse(raw, format) -> record`.
 
-    Records need a `.prompt`; the held-out split is made by prompt, so no prompt is in both splits.
-    `keys` renames the recipe keys errors name, for prompt files that are not a `data` section (e.g.
-    {"train": "ppo.gold_prompts"}).
+    `section.template` names the format: a text template, or 'chat' (rendered with `tokenizer`'s chat
+    template, so the tokenizer is required then). Records need a `.prompt`; the held-out split is made by
+    prompt, so no prompt is in both splits. `keys` renames the recipe keys errors name, for prompt files
+    that are not a `data` section (e.g. {"train": "ppo.gold_prompts"}).
     """
     keys = {**KEYS, **(keys or {})}
-    template = load_template(section.template, keys["template"])
-    parse_t = lambda raw: parse(raw, template)  # noqa: E731
+    fmt = make_format(section.template, tokenizer, keys["template"])
+    parse_t = lambda raw: parse(raw, fmt)  # noqa: E731
     invalid = Invalid(section.skip_invalid)
     train = _parse_all(section.train, section.split, parse_t, invalid, keys["train"])
     if not train:
@@ -104,7 +108,7 @@ def load_split(section, parse: Callable, seed: int, keys: dict[str, str] | None 
     counts = {"train_records": len(train), "eval_records": len(evals), "invalid_skipped": skipped}
     if skipped:
         counts["first_invalid"] = first
-    return Split(train, evals, counts)
+    return Split(train, evals, counts, fmt)
 
 
 def read_corpus(paths: list[str], key: str = "data.train") -> list[str]:
@@ -138,18 +142,18 @@ def read_corpus(paths: list[str], key: str = "data.train") -> list[str]:
 
 
 def read_prompts(path: str, key: str, seed: int, template: str = "alpaca", template_key: str = "data.template",
-                 max_records: int | None = None) -> list:
+                 max_records: int | None = None, tokenizer=None) -> list:
     """Prompt records of a file that is not a recipe's `data` section (eval prompts, export parity prompts,
-    gold prompts); errors name `key` (and `template_key`)."""
+    gold prompts), rendered for `tokenizer`'s model; errors name `key` (and `template_key`)."""
     section = PromptData(train=path, template=template, max_records=max_records)
-    return load_split(section, parse_prompt, seed, {"train": key, "template": template_key}).train
+    return load_split(section, parse_prompt, seed, {"train": key, "template": template_key}, tokenizer).train
 
 
 def load_gold_prompts(path: str, template: str, tokenizer, max_prompt_len: int, count: int, seed: int,
                       key: str = "ppo.gold_prompts") -> list[dict]:
     """The first `count` prompts of `path` that carry a gold answer (the task suite's 'task' + 'answer'),
     encoded like rollout prompts; a file with none is an error (the monitor would measure nothing)."""
-    records = read_prompts(path, key, seed, template)
+    records = read_prompts(path, key, seed, template, tokenizer=tokenizer)
     prompts = [p for p in encode_prompts(records, tokenizer, max_prompt_len)[0] if has_gold(p["meta"])]
     if not prompts:
         raise UserError("no record has a gold answer ('task' and 'answer' of the task suite)", path, key)
@@ -166,6 +170,17 @@ def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]  # truncation is ours
 
 
+def prompt_ids(records: list, tokenizer) -> list[list[int]]:
+    """Token ids of each record's prompt as the model sees it when it generates: with the tokenizer's
+    special tokens (BOS) for a text template, without them when a chat template wrote them into the text."""
+    out: list[list[int] | None] = [None] * len(records)
+    for special in (True, False):
+        rows = [i for i, r in enumerate(records) if r.special_tokens == special]
+        for i, ids in zip(rows, _ids(tokenizer, [records[i].prompt for i in rows], special)):
+            out[i] = ids
+    return out
+
+
 def _left_truncate(ids: list[int], limit: int, bos: int | None) -> list[int]:
     """Keep the end of a prompt (where the question and the response header are); keep BOS."""
     if len(ids) <= limit:
@@ -175,52 +190,66 @@ def _left_truncate(ids: list[int], limit: int, bos: int | None) -> list[int]:
     return ids[len(ids) - limit:]
 
 
+def _reply_ids(tokenizer, texts: list[str], eos: list[bool]) -> list[list[int]]:
+    """Responses tokenized on their own, EOS appended where the format says (a chat template's reply
+    already ends in its end-of-turn token)."""
+    return [ids + [tokenizer.eos_token_id] * e for ids, e in zip(_ids(tokenizer, texts, False), eos)]
+
+
 def encode_sft(records: list, tokenizer, max_len: int, train_on_prompt: bool, key: str = "data.max_len",
                max_prompt_len: int | None = None):
-    """Alpaca records -> {'input_ids', 'labels'}; labels are IGNORE_INDEX on prompt tokens.
+    """SFT records -> {'input_ids', 'labels'}; labels are IGNORE_INDEX outside the responses.
 
-    With `max_prompt_len`, a longer prompt is first left-truncated to it (BOS and the end of the prompt,
-    next to the response, are kept). Then the response (+ EOS) is cut at its end to fit `max_len`. An
-    example whose (cut) prompt alone fills `max_len` would lose its whole response: it is dropped and
-    counted in `dropped_too_long`. `truncated` counts kept examples that lost prompt or response tokens.
+    The ids are the prompt's, then each turn's in order (a multi-turn conversation trains every assistant
+    turn; the text between them is not trained). With `max_prompt_len`, a longer prompt is first
+    left-truncated to it (BOS and the end of the prompt, next to the response, are kept). Then the rest
+    is cut at its end to fit `max_len`. An example whose (cut) prompt alone fills `max_len` would lose its
+    whole response: it is dropped and counted in `dropped_too_long`. `truncated` counts kept examples
+    that lost prompt or response tokens.
     """
     bos = tokenizer.bos_token_id
-    prompts = _ids(tokenizer, [r.prompt for r in records], True)
-    responses = _ids(tokenizer, [r.response for r in records], False)
-    out, dropped, truncated = [], 0, 0
-    for p, r in zip(prompts, responses):
+    prompts = prompt_ids(records, tokenizer)
+    turns = [[Segment(r.response, True)] + list(r.rest) for r in records]
+    flat = _reply_ids(tokenizer, [t.text for ts in turns for t in ts],
+                      [t.trained and r.eos for r, ts in zip(records, turns) for t in ts])
+    out, dropped, truncated, at = [], 0, 0, 0
+    for p, ts in zip(prompts, turns):
+        body, body_labels = [], []
+        for turn, ids in zip(ts, flat[at:at + len(ts)]):
+            body += ids
+            body_labels += ids if turn.trained or train_on_prompt else [IGNORE_INDEX] * len(ids)
+        at += len(ts)
         p2 = _left_truncate(p, max_prompt_len, bos) if max_prompt_len else p
-        r = r + [tokenizer.eos_token_id]
         room = max_len - len(p2)
         if room <= 0:
             dropped += 1
             continue
-        r2 = r[:room]
-        truncated += len(p2) < len(p) or len(r2) < len(r)
-        ids = p2 + r2
-        labels = ids if train_on_prompt else [IGNORE_INDEX] * len(p2) + r2
-        out.append({"input_ids": ids, "labels": list(labels)})
+        truncated += len(p2) < len(p) or len(body) > room
+        labels = (p2 if train_on_prompt else [IGNORE_INDEX] * len(p2)) + body_labels[:room]
+        out.append({"input_ids": p2 + body[:room], "labels": list(labels)})
     _check_kept(records, out, max_len, key, "the prompt alone fills the budget",
                 "set " + key.rsplit(".", 1)[0] + ".max_prompt_len, ")
     return out, {"dropped_too_long": dropped, "truncated": truncated}
 
 
 def encode_preferences(records: list, tokenizer, max_len: int, max_prompt_len: int, key: str = "data.max_len"):
-    """Pairs -> {'prompt_ids', 'chosen_ids', 'rejected_ids', 'margin'}; responses end in EOS.
+    """Pairs -> {'prompt_ids', 'chosen_ids', 'rejected_ids', 'margin'}; responses end in EOS (or in the
+    chat template's end-of-turn token).
 
     Prompts are left-truncated to `max_prompt_len`; responses are cut to fit `max_len`. Pairs left with
     an empty response, or with chosen == rejected after cutting, are dropped and counted.
     """
     bos = tokenizer.bos_token_id
-    prompts = _ids(tokenizer, [r.prompt for r in records], True)
-    chosen = _ids(tokenizer, [r.chosen for r in records], False)
-    rejected = _ids(tokenizer, [r.rejected for r in records], False)
+    prompts = prompt_ids(records, tokenizer)
+    eos = [r.eos for r in records]
+    chosen = _reply_ids(tokenizer, [r.chosen for r in records], eos)
+    rejected = _reply_ids(tokenizer, [r.rejected for r in records], eos)
     out, dropped, truncated = [], 0, 0
     for rec, p, c, j in zip(records, prompts, chosen, rejected):
         p2 = _left_truncate(p, max_prompt_len, bos)
         room = max_len - len(p2)
-        c2, j2 = (c + [tokenizer.eos_token_id])[:room], (j + [tokenizer.eos_token_id])[:room]
-        truncated += (len(p2) < len(p)) or len(c2) <= len(c) or len(j2) <= len(j)
+        c2, j2 = c[:room], j[:room]
+        truncated += (len(p2) < len(p)) or len(c2) < len(c) or len(j2) < len(j)
         if room <= 0 or not c2 or not j2 or c2 == j2:
             dropped += 1
             continue
@@ -233,7 +262,8 @@ def encode_preferences(records: list, tokenizer, max_len: int, max_prompt_len: i
 
 def load_pairs(section, tokenizer, seed: int) -> tuple[list, list, dict]:
     """The preference pairs of a recipe's `data` section (rm, dpo), encoded: (train, eval, manifest counts)."""
-    split = load_split(section, lambda raw, template: parse_preference(raw, template, section.format), seed)
+    split = load_split(section, lambda raw, fmt: parse_preference(raw, fmt, section.format), seed,
+                       tokenizer=tokenizer)
     train, train_counts = encode_preferences(split.train, tokenizer, section.max_len, section.max_prompt_len)
     evals = encode_preferences(split.eval, tokenizer, section.max_len, section.max_prompt_len)[0] if split.eval else []
     counts = {**split.counts, **train_counts,
@@ -244,9 +274,8 @@ def load_pairs(section, tokenizer, seed: int) -> tuple[list, list, dict]:
 def encode_prompts(records: list, tokenizer, max_prompt_len: int) -> tuple[list, dict]:
     """Prompt records -> {'prompt_ids', 'meta', 'prompt'} (left-truncated)."""
     bos = tokenizer.bos_token_id
-    prompts = _ids(tokenizer, [r.prompt for r in records], True)
     out, truncated = [], 0
-    for rec, p in zip(records, prompts):
+    for rec, p in zip(records, prompt_ids(records, tokenizer)):
         p2 = _left_truncate(p, max_prompt_len, bos)
         truncated += len(p2) < len(p)
         out.append({"prompt_ids": p2, "meta": rec.meta, "prompt": rec.prompt})

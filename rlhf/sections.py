@@ -27,7 +27,10 @@ class ModelSection:
     dtype: Dtype = opt("float32", "dtype the weights are loaded in; trained LoRA weights, scalar heads and "
                                   "lora.modules_to_save always stay float32")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run; off unless you trust the repo")
-    pad_token: Optional[str] = opt(None, "pad token to add when the tokenizer has none or pads with EOS")
+    pad_token: Optional[str] = opt(None, "pad token to add when the tokenizer has none or pads with EOS (null = an "
+                                         "existing spare special token, else '<|pad|>')")
+    chat_template: Optional[str] = opt(None, "install a chat template: 'chatml' (shipped) or a .jinja file; null = "
+                                             "the tokenizer's own (base models have none)")
     attn_implementation: Optional[str] = opt(None, "'sdpa', 'eager' or 'flash_attention_2'; null = default")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
 
@@ -87,7 +90,8 @@ class DataSection:
     eval_fraction: float = opt(0.0, "fraction of train held out when `eval` is null", ge=0, lt=1)
     split: str = opt("train", "split of `train` for hub datasets")
     eval_split: Optional[str] = opt(None, "split of `eval` for hub datasets (null = `split`)")
-    template: str = opt("alpaca", "prompt template: a name in data_formats/templates or a .json file")
+    template: str = opt("alpaca", "'chat' = the tokenizer's chat template (multi-turn; every assistant turn "
+                                  "trained), or a text template: a name in data_formats/templates or a .json file")
     skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
     max_records: Optional[int] = opt(None, "use only the first N training records", gt=0)
 
@@ -107,7 +111,8 @@ class SFTData(DataSection):
 
 @dataclass(kw_only=True)
 class PreferenceData(DataSection):
-    format: Literal["auto", "pairwise", "hh"] = opt("auto", "'hh' = Anthropic HH-RLHF transcripts; auto detects")
+    format: Literal["auto", "pairwise", "hh"] = opt("auto", "'hh' = Anthropic HH-RLHF transcripts; auto detects them, "
+                                                            "string pairs and conversations")
     max_len: int = opt(512, "tokens per prompt+response; responses are cut at the end to fit (a pair left with "
                             "no response, or chosen == rejected, is dropped and counted)", gt=1)
     max_prompt_len: int = opt(256, "cut longer prompts from the left (keeping BOS and the end) to this many tokens; "
@@ -268,7 +273,8 @@ class DPOSection:
 class EvalSection:
     models: dict[str, str] = req("name -> run folder / HF folder / hub id of each policy to evaluate")
     prompts: str = req("held-out prompts (prompt-only or Alpaca records; 'answer'+'task' enable gold scoring)")
-    template: str = opt("alpaca", "prompt template for Alpaca-style records")
+    template: str = opt("alpaca", "'chat' = each model's own chat template, or a text template for Alpaca-style "
+                                  "and single-turn records")
     reward_model: Optional[str] = opt(None, "rm run folder: report the mean reward-model score")
     reference: Optional[str] = opt(None, "model the KL is measured against (usually the SFT run)")
     max_prompts: int = opt(256, "prompts evaluated at most", gt=0)
@@ -313,6 +319,8 @@ class TaskSuiteSection:
     prompt_records: int = opt(1000, "prompt-only records for PPO rollouts", gt=0)
     eval_records: int = opt(200, "held-out records for each eval split", gt=0)
     corpus_documents: int = opt(20000, "pretraining corpus documents", gt=0)
+    format: Literal["alpaca", "messages"] = opt("alpaca", "record files as Alpaca fields, or as conversations "
+                                                          "(messages; chosen/rejected turns) for data.template: chat")
 
     def validate(self) -> None:
         if self.max_items < self.min_items:

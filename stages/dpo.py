@@ -51,7 +51,7 @@ def run(recipe: DPORecipe) -> Path:
     average = dpo.loss_type == "ipo"  # IPO uses length-normalized logps (Azar et al. 2023)
 
     # --- data --------------------------------------------------------------------------------------
-    tokenizer = tokenizer_for(model_section)
+    tokenizer = tokenizer_for(model_section, data.template)
     train, evals, folder.counts = load_pairs(data, tokenizer, recipe.seed)
     for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval),
                        ("dpo.reference", dpo.reference)):

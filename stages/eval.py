@@ -92,7 +92,7 @@ def run(recipe: EvalRecipe) -> Path:
             tokenizer = load_tokenizer(spec, key, pad_token=section.pad_token,
                                        trust_remote_code=section.trust_remote_code, pad_key="eval.pad_token")
             records = read_prompts(section.prompts, "eval.prompts", recipe.seed, section.template, "eval.template",
-                                   section.max_prompts)
+                                   section.max_prompts, tokenizer)
             prompts, _ = encode_prompts(records, tokenizer, section.max_prompt_len)
             model = load_model(spec, key, vocab=len(tokenizer), **load).to(device).eval()
             same_vocab = reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0]

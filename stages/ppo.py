@@ -52,7 +52,7 @@ def run(recipe: PPORecipe) -> Path:
     reward_fn = load_reward_fn(ppo.reward_fn) if ppo.reward_fn else None  # import problems before any model loads
 
     # --- data: prompts (and gold-scored held-out prompts for the monitor) ---------------------------------------
-    tokenizer = tokenizer_for(model_section)
+    tokenizer = tokenizer_for(model_section, recipe.data.template)
     prompts, gold_prompts = load_prompts(recipe, tokenizer, folder)
 
     # --- the roles: actor (and critic) trained, reference and reward model frozen ------------------------------

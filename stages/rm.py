@@ -38,7 +38,7 @@ def run(recipe: RMRecipe) -> Path:
     model_section, data = recipe.model, recipe.data
 
     # --- data --------------------------------------------------------------------------------------
-    tokenizer = tokenizer_for(model_section)
+    tokenizer = tokenizer_for(model_section, data.template)
     train, evals, folder.counts = load_pairs(data, tokenizer, recipe.seed)
     for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval)):
         folder.input(name, path)

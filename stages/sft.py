@@ -13,7 +13,7 @@ from pathlib import Path
 from data_formats.schemas import parse_alpaca
 from rlhf import loop
 from rlhf.artifacts import RunFolder, check_parents
-from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, to_device
+from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, prompt_ids, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
 from rlhf.models import count_parameters, load_trainable, tokenizer_for
@@ -39,8 +39,8 @@ def run(recipe: SFTRecipe) -> Path:
     model_section, data, lora = recipe.model, recipe.data, recipe.lora
 
     # --- data --------------------------------------------------------------------------------------
-    tokenizer = tokenizer_for(model_section)
-    split = load_split(data, parse_alpaca, recipe.seed)
+    tokenizer = tokenizer_for(model_section, data.template)
+    split = load_split(data, parse_alpaca, recipe.seed, tokenizer=tokenizer)
     encode = dict(max_len=data.max_len, train_on_prompt=data.train_on_prompt, max_prompt_len=data.max_prompt_len)
     train, train_counts = encode_sft(split.train, tokenizer, **encode)
     evals, eval_counts = encode_sft(split.eval, tokenizer, **encode) if split.eval else ([], {})
@@ -90,9 +90,8 @@ def run(recipe: SFTRecipe) -> Path:
     if recipe.samples:
         # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
         records = (split.eval or split.train)[: recipe.samples]
-        prompt_ids = tokenizer([r.prompt for r in records], add_special_tokens=True)["input_ids"]
-        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids, recipe.generate, accelerator.device,
-                        synced=True)
+        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids(records, tokenizer), recipe.generate,
+                        accelerator.device, synced=True)
         if accelerator.is_main_process:
             write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row} for r, row in zip(records, rows)])
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},

@@ -8,6 +8,7 @@ Output (all JSONL in the formats of data_formats.schemas, plus the corpus as tex
     prefs_eval.jsonl   held-out pairs
     prompts.jsonl      prompts for PPO rollouts
     eval_prompts.jsonl held-out prompts with "task" and "answer" (gold scoring)
+With `tasks.format: messages` the record files are conversations instead (`tasks.as_conversations`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def run(recipe: TasksRecipe) -> Path:
         suite = tasks.generate(recipe.tasks, recipe.seed)
     except ValueError as err:
         raise UserError(str(err), None, "tasks") from None
+    if recipe.tasks.format == "messages":
+        suite = tasks.as_conversations(suite)
 
     files = {}
     if state.is_main_process:

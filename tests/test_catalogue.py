@@ -4,6 +4,7 @@ traceback, and nothing half-written. Plus `rlhf check` on good and bad recipes."
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +31,28 @@ GOOD = b'{"instruction": "Reverse the list.", "input": "a b", "output": "b a"}\n
 NO_OUTPUT = b'{"instruction": "x"}'
 LIST_TYPED = b'{"instruction": [1], "output": "y"}'
 NOT_UTF8 = b'{"instruction": "\xff"}'
+CHAT_BAD_ROLE = b'{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}'
+CHAT_LIST_CONTENT = b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}'
+CHAT_NO_REPLY = b'{"messages": [{"role": "user", "content": "a"}]}'
+CHAT_EMPTY = b'{"messages": []}'
+CHAT_TWO_TURNS = (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+                  b'{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}')
+PAIR_DIFFERENT_PROMPTS = (b'{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], '
+                          b'"rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}')
 
 
-def pad_is_eos_model(chain, tmp_path) -> Path:
-    """A copy of the pretrained model whose tokenizer pads with EOS."""
+def pad_is_eos_model(chain, tmp_path, spare: bool = False) -> Path:
+    """A copy of the pretrained model whose tokenizer pads with EOS; unless `spare`, its '<|pad|>' is made an
+    ordinary token, so that no special token is left to pad with."""
     folder = tmp_path / "padeos"
     tok = AutoTokenizer.from_pretrained(chain["pretrain"] / "model")
     tok.pad_token = tok.eos_token
     tok.save_pretrained(folder)
+    if not spare:
+        config = json.loads((folder / "tokenizer.json").read_text())
+        for token in config["added_tokens"]:
+            token["special"] = token["special"] and token["content"] != "<|pad|>"
+        (folder / "tokenizer.json").write_text(json.dumps(config))
     for f in ("config.json", "model.safetensors"):
         (folder / f).write_bytes((chain["pretrain"] / "model" / f).read_bytes())
     return folder
@@ -96,6 +111,25 @@ CASES = {
                                         "command line: stage: an override cannot change the stage of a 'sft' recipe"),
     "prompt budget not below max_len": (lambda c, t: ["data.max_prompt_len=96"],
                                         "command line: data.max_prompt_len: must be less than max_len (96)"),
+    "conversation with an unknown role": (
+        lambda c, t: [f"data.train={bad_file(t, GOOD + CHAT_BAD_ROLE)}"],
+        "{t}/bad.jsonl:2: messages[1].role: unknown role 'bot' (expected assistant, system, user)"),
+    "message content that is not a string": (
+        lambda c, t: [f"data.train={bad_file(t, GOOD + CHAT_LIST_CONTENT)}"],
+        "{t}/bad.jsonl:2: messages[0].content: expected a string, got list"),
+    "empty conversation": (lambda c, t: [f"data.train={bad_file(t, GOOD + CHAT_EMPTY)}"],
+                           "{t}/bad.jsonl:2: messages: is empty (no messages)"),
+    "conversation with nothing to train": (
+        lambda c, t: [f"data.train={bad_file(t, GOOD + CHAT_NO_REPLY)}"],
+        "{t}/bad.jsonl:2: messages: has no assistant turn: nothing to train"),
+    "multi-turn conversation with a text template": (
+        lambda c, t: [f"data.train={bad_file(t, GOOD + CHAT_TWO_TURNS)}"],
+        "{t}/bad.jsonl:2: data.template: a conversation of 4 turns needs 'chat' (the text template 'plain'"),
+    "data.template chat with a tokenizer that has no chat template": (
+        lambda c, t: ["data.template=chat"],
+        "data.template: the tokenizer of {c[pretrain]}/model has no chat template"),
+    "unknown chat template": (lambda c, t: ["model.chat_template=nope"],
+                              "model.chat_template: unknown chat template 'nope' (shipped: chatml"),
 }
 
 
@@ -128,6 +162,12 @@ STAGE_CASES = {
     "tasks: capital letters": (
         "tasks", lambda c, t: ["tasks.alphabet=abcXYZ"],
         "command line: tasks.alphabet: expected lowercase ASCII letters a-z only, got 'XYZ'"),
+    "rm: conversational pair whose prompts differ": (
+        "rm", lambda c, t: [f"data.train={bad_file(t, PAIR_DIFFERENT_PROMPTS)}", "data.eval=null"],
+        "{t}/bad.jsonl:1: rejected: chosen and rejected differ before their last turn"),
+    "dpo: chat template file that does not exist": (
+        "dpo", lambda c, t: [f"model.chat_template={t}/none.jinja"],
+        "model.chat_template: chat template file {t}/none.jinja not found"),
 }
 
 
@@ -272,6 +312,37 @@ def test_check_fails_on_bad_input(chain, tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert expected.format(t=tmp_path, c=chain) in err[0], err[0]
     assert "ready" not in captured.out
+
+
+def test_check_pads_with_a_spare_special_token(chain, tmp_path, capsys):
+    """A tokenizer that pads with EOS but has a spare special token pads with it: no embedding row added."""
+    assert main(check_args(chain, "sft", f"model.name_or_path={pad_is_eos_model(chain, tmp_path, spare=True)}")) == 0
+    out = capsys.readouterr().out
+    assert "pad token: '<|pad|>' (id 0), an existing special token that is neither a stop token nor written by the " \
+           "chat template (the tokenizer padded with its EOS token '</s>')" in out
+    assert out.strip().endswith("ready")
+
+
+def test_check_shows_the_trained_turns_of_a_chat_recipe(chain, tmp_path, capsys):
+    """`data.template: chat` on the base model with the shipped ChatML: every assistant turn is marked trained
+    (content and <|im_end|>), nothing else."""
+    def turn(role, text):
+        return {"role": role, "content": text}
+
+    rows = [{"messages": [turn("system", "Answer with the list."), turn("user", f"Reverse the list.\n\na {c}"),
+                          turn("assistant", f"{c} a"), turn("user", f"Sort the list.\n\n{c} a"),
+                          turn("assistant", f"a {c}")]} for c in "bcdefgh"]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    assert main(check_args(chain, "sft", f"data.train={data}", "data.eval=null", "data.template=chat",
+                           "model.chat_template=chatml", "data.max_len=128")) == 0
+    out = capsys.readouterr().out
+    assert "chat template: chatml, special tokens added: <|im_start|> <|im_end|>" in out
+    assert "the end-of-turn token '<|im_end|>' ends the labels of 7 of 7 examples" in out
+    assert "turn-by-turn token ids equal those of the whole rendered conversation in 7 of 7 examples\n" in out
+    example = out.split("---\n")[1].split("\n---")[0]
+    assert re.findall(r"\[\[(.*?)\]\]", example, re.S) == ["b a<|im_end|>", "a b<|im_end|>"]
+    assert example.startswith("<s><|im_start|>system\nAnswer with the list.<|im_end|>")
+    assert out.strip().endswith("ready")
 
 
 def test_check_accepts_truncated_pairs(chain, tmp_path, capsys):

@@ -126,8 +126,9 @@ def test_critic_free_runs_hold_no_critic(chain, tmp_path, capsys, estimator, ext
 
 
 def test_reward_model_and_function_together(chain, tmp_path):
-    run = run_stage("ppo", chain["root"], "ppo.reward_fn=gold", "ppo.reward_weights={reward_model: 0.5, reward_fn: 2.0}",
-                    "train.max_steps=1", "ppo.gold_every=0", f"output_dir={tmp_path}/run")
+    run = run_stage("ppo", chain["root"], "ppo.reward_fn=gold",
+                    "ppo.reward_weights={reward_model: 0.5, reward_fn: 2.0}", "train.max_steps=1", "ppo.gold_every=0",
+                    f"output_dir={tmp_path}/run")
     (m,) = [m for m in metrics(run) if "objective/score" in m]
     assert 0 <= m["objective/reward_fn"] <= 1
     assert m["objective/score"] == pytest.approx(0.5 * m["objective/reward_model"] + 2.0 * m["objective/reward_fn"],

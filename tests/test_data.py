@@ -7,6 +7,7 @@ import json
 import pytest
 
 from data_formats import tasks
+from data_formats.chat import make_format
 from data_formats.readers import Invalid, Raw, read_records
 from data_formats.schemas import hh_split, parse_alpaca, parse_preference, parse_prompt
 from data_formats.templates import load_template
@@ -95,7 +96,7 @@ def test_template_literal_braces_are_allowed(tmp_path):
 
 
 def test_sft_masking_trains_only_response_and_eos():
-    rec = parse_alpaca(Raw("f:1", {"instruction": "hi", "output": "yo"}), load_template("plain"))
+    rec = parse_alpaca(Raw("f:1", {"instruction": "hi", "output": "yo"}), make_format("plain"))
     [ex], counts = encode_sft([rec], CharTokenizer(), max_len=64, train_on_prompt=False)
     prompt_len = 1 + len("hi\n")
     assert ex["input_ids"][-1] == 2  # EOS appended
@@ -106,7 +107,7 @@ def test_sft_masking_trains_only_response_and_eos():
 
 
 def test_sft_truncation_keeps_the_response_or_drops():
-    template = load_template("plain")
+    template = make_format("plain")
     long_prompt = parse_alpaca(Raw("f:1", {"instruction": "x" * 50, "output": "yo"}), template)
     short = parse_alpaca(Raw("f:2", {"instruction": "q", "output": "a" * 40}), template)
     examples, counts = encode_sft([long_prompt, short], CharTokenizer(), max_len=20, train_on_prompt=False)
@@ -118,7 +119,7 @@ def test_sft_truncation_keeps_the_response_or_drops():
 
 
 def test_sft_max_prompt_len_cuts_the_prompt_from_the_left():
-    template = load_template("plain")
+    template = make_format("plain")
     head, tail = "h" * 30, "t" * 10
     long_prompt = parse_alpaca(Raw("f:1", {"instruction": head + tail, "output": "yo"}), template)
     short = parse_alpaca(Raw("f:2", {"instruction": "q", "output": "a" * 40}), template)
@@ -138,7 +139,7 @@ def test_sft_max_prompt_len_cuts_the_prompt_from_the_left():
 
 
 def test_sft_prompt_filling_max_len_is_dropped_and_counted():
-    template = load_template("plain")
+    template = make_format("plain")
     records = [parse_alpaca(Raw(f"f:{i}", {"instruction": "x" * n, "output": "yo"}), template)
                for i, n in enumerate((5, 40, 18, 19), start=1)]
     # prompt lengths with BOS and "\n": 7, 42, 20, 21 -> the last three leave no room in 20 tokens
@@ -166,7 +167,7 @@ def test_hh_conversion_and_mismatch():
     rec = hh_split(raw)
     assert rec.prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
     assert (rec.chosen, rec.rejected) == (" see you", " no")
-    assert parse_preference(raw, load_template("alpaca")).prompt == rec.prompt  # auto-detected
+    assert parse_preference(raw, make_format("alpaca")).prompt == rec.prompt  # auto-detected
     bad = Raw("hh.jsonl:7", {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"})
     with pytest.raises(DataError) as err:
         hh_split(bad)
@@ -175,7 +176,7 @@ def test_hh_conversion_and_mismatch():
 
 
 def test_preference_from_alpaca_fields_margin_and_collation():
-    template = load_template("plain")
+    template = make_format("plain")
     rec = parse_preference(Raw("p:1", {"instruction": "q", "input": "i", "chosen": "a", "rejected": "b",
                                        "margin": 2}), template)
     assert rec.prompt == "q\ni\n" and rec.margin == 2.0
@@ -314,7 +315,7 @@ def test_eval_split_errors_name_the_given_keys(tmp_path):
 
 
 def test_preference_data_all_too_long():
-    template = load_template("plain")
+    template = make_format("plain")
     recs = [parse_preference(Raw(f"p:{i}", {"prompt": "q" * 30, "chosen": "same start x", "rejected": "same start y"}),
                              template) for i in range(3)]
     with pytest.raises(UserError) as err:  # prompt cut to 8 tokens, 4 left: "same" vs "same"
@@ -361,7 +362,7 @@ def test_eval_fraction_splits_by_prompt(tmp_path):
 
 def test_prompt_records_keep_gold_fields(tmp_path):
     rec = parse_prompt(Raw("e:1", {"instruction": "Reverse the list.", "input": "a b", "answer": "b a",
-                                   "task": "reverse"}), load_template("plain"))
+                                   "task": "reverse"}), make_format("plain"))
     assert rec.prompt == "Reverse the list.\na b\n" and rec.meta["answer"] == "b a"
 
 
