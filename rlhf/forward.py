@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.data import IGNORE_INDEX
-from rlhf.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.losses import logprobs_and_entropy
 from rlhf.models import position_ids_from_mask
 
 
@@ -28,8 +28,7 @@ def label_logprobs(model, input_ids, labels, attention_mask=None, position_ids=N
     logits = out.logits  # (B, K, V)
     targets = labels[:, 1:].index_select(1, cols).clamp(min=0)  # (B, K)
     mask = predict.index_select(1, cols).to(logits.dtype if logits.is_floating_point() else torch.float32)
-    logprobs = logprobs_from_logits(logits, targets, temperature)
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    logprobs, entropy = logprobs_and_entropy(logits, targets, temperature, with_entropy=with_entropy)
     return logprobs, mask.float(), entropy
 
 
@@ -39,17 +38,13 @@ def response_logprobs(model, sequences, attention_mask, prompt_width: int, tempe
 
     sequences, attention_mask: (B, P + A) with the prompt in the first P columns. Returns logprobs
     (B, A) (and entropy (B, A) when asked); position ids start at 0 on each row's first real token.
-    `entropy_grad=False` computes the entropy for statistics only: its (B, A, V) softmax is then not kept
-    for the backward pass (PPO with entropy_coef 0).
+    `entropy_grad=False` computes the entropy for statistics only: nothing is then kept for its backward
+    pass (PPO with entropy_coef 0).
     """
     width = sequences.shape[1]
     cols = torch.arange(prompt_width - 1, width - 1, device=sequences.device)  # predictors of the A tokens
     out = model(input_ids=sequences, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), logits_to_keep=cols, use_cache=False)
     logits = out.logits  # (B, A, V)
-    logprobs = logprobs_from_logits(logits, sequences[:, prompt_width:], temperature)
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits, temperature)
-    return logprobs, entropy
+    return logprobs_and_entropy(logits, sequences[:, prompt_width:], temperature, with_entropy=with_entropy,
+                                entropy_grad=entropy_grad)
