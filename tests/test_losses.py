@@ -1,4 +1,5 @@
-"""The pure math of rlhf.losses against plain loops and hand-computed values."""
+"""The pure math of rlhf.losses against plain loops and hand-computed values; and the log-probs the update
+computes against those the rollout engine sampled with."""
 
 from __future__ import annotations
 
@@ -282,6 +283,41 @@ def test_suppressed_ids_give_the_log_softmax_over_the_remaining_ids():
     (grad,) = torch.autograd.grad(lp[1, 2], logits)
     p = torch.softmax(prepare_logits(logits.detach()[1, 2], 0.7, suppress), -1)
     assert grad[1, 2, 5] == 0 and torch.allclose(grad[1, 2], -p / 0.7, atol=1e-6)
+
+
+def test_the_update_scores_a_rollout_under_the_distribution_it_was_sampled_from():
+    """Issue 15: the seeded engine samples with the pad id forbidden; the update must use the same softmax."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.forward import response_logprobs
+    from rlhf.rollout import row_keys, seeded_generate
+    from rlhf.sections import GenerateSection
+
+    torch.manual_seed(8)
+    pad, eos, temperature = 0, 2, 0.7
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=pad)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    prompts = torch.randint(3, 100, (4, 6))
+    attention = torch.ones_like(prompts)
+    prompts[:2, :2], attention[:2, :2] = pad, 0  # left padding
+    steps = []  # the engine's logits at each decoding step, (B, V) each
+    hook = model.register_forward_hook(lambda module, args, out: steps.append(out.logits[:, -1].detach().clone()))
+    gen = seeded_generate(model, prompts, attention, GenerateSection(max_new_tokens=12, temperature=temperature),
+                          eos_id=eos, pad_id=pad, keys=row_keys(0, 0, range(4)))
+    hook.remove()
+    mask = gen.response_mask.bool()
+    assert len(steps) == gen.responses.shape[1] and not (gen.responses[mask] == pad).any()
+    sampled_with = prepare_logits(torch.stack(steps, 1), temperature, [pad]).log_softmax(-1)  # (B, A, V)
+    sampled_with = sampled_with.gather(-1, gen.responses[..., None]).squeeze(-1)  # (B, A)
+    with torch.no_grad():
+        update, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature,
+                                      suppress_ids=[pad])
+        full_softmax, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature)
+    assert torch.allclose(update[mask], sampled_with[mask], atol=1e-5)
+    assert torch.all(update[~mask] == 0)  # padding after EOS: 0, not −inf
+    # the full softmax gives every token log(1 − p_pad) less: the rollout would be off-policy
+    assert torch.all((update - full_softmax)[mask] > 1e-4)
 
 
 def test_sequence_logps_sum_and_average():
