@@ -6,20 +6,23 @@ positions never reach the (large) vocabulary projection.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from rlhf.data import IGNORE_INDEX
-from rlhf.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.losses import logprobs_and_entropy
 from rlhf.models import position_ids_from_mask
 
 
 def label_logprobs(model, input_ids, labels, attention_mask=None, position_ids=None, temperature: float = 1.0,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, suppress_ids: Sequence[int] | None = None):
     """Log-probabilities of the labelled tokens (labels != IGNORE_INDEX) under `model`.
 
     input_ids, labels: (B, T). Returns `(logprobs, mask, entropy)`, each (B, K), where K are the
-    columns t whose next token t+1 is labelled in some row; `mask` is 1 where row b scores that token.
-    `entropy` is None unless asked for.
+    columns t whose next token t+1 is labelled in some row; `mask` is 1 where row b scores that token,
+    and logprobs are 0 where it is 0. `entropy` is None unless asked for. Log-probs and entropy are
+    taken under `prepare_logits(logits, temperature, suppress_ids)`, the distribution a rollout samples from.
     """
     predict = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
     cols = predict.any(0).nonzero().squeeze(-1)  # (K,)
@@ -27,29 +30,27 @@ def label_logprobs(model, input_ids, labels, attention_mask=None, position_ids=N
                 logits_to_keep=cols, use_cache=False)
     logits = out.logits  # (B, K, V)
     targets = labels[:, 1:].index_select(1, cols).clamp(min=0)  # (B, K)
-    mask = predict.index_select(1, cols).to(logits.dtype if logits.is_floating_point() else torch.float32)
-    logprobs = logprobs_from_logits(logits, targets, temperature)
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
-    return logprobs, mask.float(), entropy
+    scored = predict.index_select(1, cols)  # (B, K)
+    logprobs, entropy = logprobs_and_entropy(logits, targets, temperature, suppress_ids, with_entropy=with_entropy)
+    return logprobs.masked_fill(~scored, 0.0), scored.float(), entropy
 
 
 def response_logprobs(model, sequences, attention_mask, prompt_width: int, temperature: float = 1.0,
-                      with_entropy: bool = False, entropy_grad: bool = True):
+                      with_entropy: bool = False, entropy_grad: bool = True, suppress_ids: Sequence[int] | None = None):
     """Log-probabilities of the response part of left-padded prompt + right-padded response rows.
 
     sequences, attention_mask: (B, P + A) with the prompt in the first P columns. Returns logprobs
-    (B, A) (and entropy (B, A) when asked); position ids start at 0 on each row's first real token.
-    `entropy_grad=False` computes the entropy for statistics only: its (B, A, V) softmax is then not kept
-    for the backward pass (PPO with entropy_coef 0).
+    (B, A), 0 where the response is padding (and entropy (B, A) when asked); position ids start at 0 on
+    each row's first real token. Both are taken under `prepare_logits(logits, temperature, suppress_ids)`,
+    the distribution a rollout samples from. `entropy_grad=False` computes the entropy for statistics
+    only: nothing is then kept for its backward pass (PPO with entropy_coef 0).
     """
     width = sequences.shape[1]
     cols = torch.arange(prompt_width - 1, width - 1, device=sequences.device)  # predictors of the A tokens
     out = model(input_ids=sequences, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), logits_to_keep=cols, use_cache=False)
     logits = out.logits  # (B, A, V)
-    logprobs = logprobs_from_logits(logits, sequences[:, prompt_width:], temperature)
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits, temperature)
-    return logprobs, entropy
+    logprobs, entropy = logprobs_and_entropy(logits, sequences[:, prompt_width:], temperature, suppress_ids,
+                                             with_entropy=with_entropy, entropy_grad=entropy_grad)
+    # padding after EOS is the pad token: −inf when the pad id is suppressed, so 0 keeps masked sums finite
+    return logprobs.masked_fill(attention_mask[:, prompt_width:] == 0, 0.0), entropy

@@ -20,6 +20,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from rlhf.losses import prepare_logits
+
 
 @dataclass
 class Generation:
@@ -144,10 +146,10 @@ def seeded_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: 
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         for step in range(cfg.max_new_tokens):
-            logits = out.logits[:, -1, :].float()
-            logits[:, pad_id] = float("-inf")
+            # the distribution the update scores tokens under too (response_logprobs with suppress_ids)
+            logits = prepare_logits(out.logits[:, -1, :], cfg.temperature or 1.0, suppress_ids=(pad_id,))
             if cfg.temperature > 0:
-                logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+                logits = filter_logits(logits, cfg.top_k, cfg.top_p)
                 nxt = (logits + gumbel_noise(keys, step, logits.shape[-1])).argmax(-1)
             else:
                 nxt = logits.argmax(-1)

@@ -1,4 +1,5 @@
-"""The pure math of rlhf.losses against plain loops and hand-computed values."""
+"""The pure math of rlhf.losses against plain loops and hand-computed values; and the log-probs the update
+computes against those the rollout engine sampled with."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import pytest
 import torch
 
 from rlhf.losses import (aggregate_loss, discounted_returns, dpo_loss, entropy_from_logits, gae, grpo_advantages,
-                         kl_loss, kl_penalized_rewards, rloo_advantages,
-                         logprobs_from_logits, masked_mean, masked_var, masked_whiten, pairwise_loss, per_token_kl,
-                         ppo_policy_loss, ppo_value_loss, sequence_logps)
-
+                         kl_loss, kl_penalized_rewards, logprobs_and_entropy, logprobs_from_logits, masked_mean,
+                         masked_var, masked_whiten, pairwise_loss, per_token_kl, ppo_policy_loss, ppo_value_loss,
+                         prepare_logits, rloo_advantages, sequence_logps)
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +163,160 @@ def test_entropy_and_logprobs_against_direct_formulas():
     before = logits.clone()
     logprobs_from_logits(logits, labels, 0.5)
     assert torch.equal(logits, before)  # inputs are not edited in place
+
+
+def direct_logprobs_and_entropy(logits, labels, temperature, suppress_ids=()):
+    """The textbook formulas on the whole (B, T, V) tensor: log_softmax, gathered, and −Σ p log p."""
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32) / temperature
+    z[..., list(suppress_ids)] = float("-inf")
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+    return logp.gather(-1, labels[..., None]).squeeze(-1), entropy
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 4, 7, 30])  # 15 rows: chunks of 1, 4 (3 + 3 rows), 7 (2 + 1), all
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_and_entropy_equal_the_direct_formulas_in_float32(rows_per_chunk, temperature):
+    torch.manual_seed(4)
+    vocab = 50
+    logits = (torch.randn(3, 5, vocab, dtype=torch.float32) * 3).requires_grad_(True)
+    labels = torch.randint(0, vocab, (3, 5))
+    weights = torch.randn(2, 3, 5, dtype=torch.float32)
+    lp, ent = logprobs_and_entropy(logits, labels, temperature, chunk_elements=rows_per_chunk * vocab)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (3, 5)
+    (grad,) = torch.autograd.grad((weights[0] * lp + weights[1] * ent).sum(), logits)
+    ref_lp, ref_ent = direct_logprobs_and_entropy(logits, labels, temperature)
+    (ref_grad,) = torch.autograd.grad((weights[0] * ref_lp + weights[1] * ref_ent).sum(), logits)
+    assert torch.allclose(lp, ref_lp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-5)
+    # the one-output wrappers give the same numbers
+    assert torch.equal(logprobs_from_logits(logits, labels, temperature), lp)
+    assert torch.allclose(entropy_from_logits(logits, temperature), ent)
+
+
+@pytest.mark.parametrize("outputs", ["logprobs", "entropy", "both"])
+def test_chunked_gradients_are_exact_in_float64(outputs):
+    torch.manual_seed(5)
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    labels = torch.tensor([[0, 6, 2], [5, 5, 1]])  # never the suppressed id 3
+
+    def f(x):  # chunks of 2 rows over 6: the boundaries cross the batch rows
+        lp, ent = logprobs_and_entropy(x, labels, temperature=0.7, suppress_ids=[3], chunk_elements=14)
+        return {"logprobs": lp, "entropy": ent, "both": (lp, ent)}[outputs]
+
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_forward_keeps_nothing_vocabulary_sized_for_the_backward():
+    """Besides (views of) the logits, only (N,) values are saved; none for an entropy without gradient."""
+    logits = torch.randn(2, 3, 11, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 3))
+
+    def saved_shapes(**kwargs):
+        shapes = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+                shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lp, ent = logprobs_and_entropy(logits, labels, temperature=0.7, suppress_ids=[4], **kwargs)
+        return shapes, ent
+
+    shapes, ent = saved_shapes()
+    assert sorted(shapes) == [(6,)] * 3 and ent.requires_grad  # labels, log-normaliser, entropy
+    shapes, ent = saved_shapes(entropy_grad=False)
+    assert sorted(shapes) == [(6,)] * 2 and not ent.requires_grad
+
+
+def test_bfloat16_logits_give_float32_results_and_a_bfloat16_gradient():
+    torch.manual_seed(6)
+    logits = (torch.randn(4, 6, 33, dtype=torch.float32) * 2).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, 33, (4, 6))
+    lp, ent = logprobs_and_entropy(logits, labels, 0.7, chunk_elements=5 * 33)
+    ref_lp, ref_ent = direct_logprobs_and_entropy(logits.detach().float(), labels, 0.7)
+    assert lp.dtype == ent.dtype == torch.float32
+    assert torch.allclose(lp, ref_lp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+    (lp.sum() + ent.sum()).backward()
+    exact = logits.detach().float().requires_grad_(True)
+    (sum(direct_logprobs_and_entropy(exact, labels, 0.7)[i].sum() for i in range(2))).backward()
+    assert logits.grad.dtype == torch.bfloat16
+    assert torch.allclose(logits.grad.float(), exact.grad, atol=1e-2, rtol=1e-2)  # bf16 rounding
+
+
+def test_prepare_logits_scales_and_suppresses_without_editing_its_input():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]], dtype=torch.float32)
+    before = logits.clone()
+    z = prepare_logits(logits, temperature=0.5, suppress_ids=[1])
+    assert torch.equal(z, torch.tensor([[2.0, float("-inf"), 6.0], [1.0, float("-inf"), 8.0]]))
+    assert torch.equal(logits, before) and z.dtype == torch.float32
+    assert torch.equal(prepare_logits(logits.bfloat16()), logits.bfloat16().float())  # an upcast copy
+    assert prepare_logits(logits) is not logits
+
+
+def test_suppressed_ids_give_the_log_softmax_over_the_remaining_ids():
+    torch.manual_seed(7)
+    vocab, suppress = 9, [0, 5]
+    keep = [i for i in range(vocab) if i not in suppress]
+    logits = torch.randn(3, 4, vocab, dtype=torch.float32, requires_grad=True)
+    labels = torch.tensor(keep)[torch.randint(0, len(keep), (3, 4))]
+    labels[1, 2] = 5  # a suppressed id as a label (pad after EOS): probability 0
+    lp, ent = logprobs_and_entropy(logits, labels, 0.7, suppress_ids=suppress, chunk_elements=2 * vocab)
+    remaining = torch.log_softmax(logits.detach()[..., keep] / 0.7, -1)  # (3, 4, 7)
+    index = torch.tensor([keep.index(int(i)) if int(i) in keep else 0 for i in labels.flatten()]).view(3, 4)
+    expected = remaining.gather(-1, index[..., None]).squeeze(-1)
+    valid = labels != 5
+    assert torch.allclose(lp[valid], expected[valid], atol=1e-6)
+    assert lp[1, 2].item() == float("-inf")
+    assert torch.allclose(ent, -(remaining.exp() * remaining).sum(-1), atol=1e-6)
+    # the −inf row, masked out, leaves every gradient finite; suppressed logits get none
+    (lp.masked_fill(~valid, 0.0).sum() + ent.sum()).backward(retain_graph=True)
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[..., suppress] == 0)
+    exact = logits.detach().clone().requires_grad_(True)
+    ref_lp, ref_ent = direct_logprobs_and_entropy(exact, labels.masked_fill(~valid, 1), 0.7, suppress)
+    (ref_lp.masked_fill(~valid, 0.0).sum() + ref_ent.sum()).backward()
+    assert torch.allclose(logits.grad, exact.grad, atol=1e-6)
+    # unmasked, the −inf log-prob still has the finite gradient −p/τ (0 at its own, suppressed, logit)
+    (grad,) = torch.autograd.grad(lp[1, 2], logits)
+    p = torch.softmax(prepare_logits(logits.detach()[1, 2], 0.7, suppress), -1)
+    assert grad[1, 2, 5] == 0 and torch.allclose(grad[1, 2], -p / 0.7, atol=1e-6)
+
+
+def test_the_update_scores_a_rollout_under_the_distribution_it_was_sampled_from():
+    """Issue 15: the seeded engine samples with the pad id forbidden; the update must use the same softmax."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.forward import response_logprobs
+    from rlhf.rollout import row_keys, seeded_generate
+    from rlhf.sections import GenerateSection
+
+    torch.manual_seed(8)
+    pad, eos, temperature = 0, 2, 0.7
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=pad)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    prompts = torch.randint(3, 100, (4, 6))
+    attention = torch.ones_like(prompts)
+    prompts[:2, :2], attention[:2, :2] = pad, 0  # left padding
+    steps = []  # the engine's logits at each decoding step, (B, V) each
+    hook = model.register_forward_hook(lambda module, args, out: steps.append(out.logits[:, -1].detach().clone()))
+    gen = seeded_generate(model, prompts, attention, GenerateSection(max_new_tokens=12, temperature=temperature),
+                          eos_id=eos, pad_id=pad, keys=row_keys(0, 0, range(4)))
+    hook.remove()
+    mask = gen.response_mask.bool()
+    assert len(steps) == gen.responses.shape[1] and not (gen.responses[mask] == pad).any()
+    sampled_with = prepare_logits(torch.stack(steps, 1), temperature, [pad]).log_softmax(-1)  # (B, A, V)
+    sampled_with = sampled_with.gather(-1, gen.responses[..., None]).squeeze(-1)  # (B, A)
+    with torch.no_grad():
+        update, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature,
+                                      suppress_ids=[pad])
+        full_softmax, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature)
+    assert torch.allclose(update[mask], sampled_with[mask], atol=1e-5)
+    assert torch.all(update[~mask] == 0)  # padding after EOS: 0, not −inf
+    # the full softmax gives every token log(1 − p_pad) less: the rollout would be off-policy
+    assert torch.all((update - full_softmax)[mask] > 1e-4)
 
 
 def test_sequence_logps_sum_and_average():
