@@ -154,16 +154,18 @@ def whitened(ppo) -> bool:
     `ppo.whiten_advantages` says for gae, never for grpo / rloo (normalized within each prompt's group)."""
     return {"gae": ppo.whiten_advantages, "reinforce_pp": True}.get(ppo.advantage_estimator, False)
 def no_grad_passes(actor, critic, reference, sequences, attention_mask, prompt_width: int, micro: int,
-                   temperature: float, autocast) -> tuple[torch.Tensor, ...]:
+                   temperature: float, suppress_ids: tuple[int, ...], autocast) -> tuple[torch.Tensor, ...]:
     """Old actor logprobs, entropy and critic values, then reference logprobs (`rlhf.models.reference_model`:
     the frozen copy, or the actor with its adapter disabled), micro-batch by micro-batch, without gradients.
+    Log-probs under the distribution the rollout sampled from (`temperature`, `suppress_ids` forbidden).
     Returns (old_logprobs, ref_logprobs, values, entropy), each (B, A) float32 (values None without a critic)."""
     old, ref, values, entropy = [], [], [], []
     rows = range(0, sequences.shape[0], micro)
     with torch.no_grad(), autocast():
         for i in rows:
             s, a = sequences[i:i + micro], attention_mask[i:i + micro]
-            lp, ent = response_logprobs(actor, s, a, prompt_width, temperature, with_entropy=True)
+            lp, ent = response_logprobs(actor, s, a, prompt_width, temperature, with_entropy=True,
+                                        suppress_ids=suppress_ids)
             old.append(lp.float())
             entropy.append(ent.float())
             if critic is not None:
@@ -171,7 +173,8 @@ def no_grad_passes(actor, critic, reference, sequences, attention_mask, prompt_w
         with reference_model(actor, reference) as ref_model:
             for i in rows:
                 s, a = sequences[i:i + micro], attention_mask[i:i + micro]
-                ref.append(response_logprobs(ref_model, s, a, prompt_width, temperature)[0].float())
+                ref.append(response_logprobs(ref_model, s, a, prompt_width, temperature,
+                                             suppress_ids=suppress_ids)[0].float())
     return torch.cat(old), torch.cat(ref), torch.cat(values) if values else None, torch.cat(entropy)
 
 
@@ -201,12 +204,14 @@ def minibatch_rows(local_rows: int, offset: int, minibatches: int, epoch: int, m
 
 
 def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard, exp: Experience, ppo, train,
-           temperature: float, kl_coef: float, step: int, generator: torch.Generator) -> dict[str, float]:
+           temperature: float, suppress_ids: tuple[int, ...], kl_coef: float, step: int,
+           generator: torch.Generator) -> dict[str, float]:
     """K epochs x minibatches of the clipped PPO objective over `exp`; returns averaged stats.
 
     loss = L_clip + vf_coef·L_V (with a critic) + kl_coef·KL (kl_in: loss) − entropy_coef·H, each aggregated over
-    the global minibatch as `ppo.loss_agg` says (`rlhf.losses.aggregate_loss`); logprobs at the rollout's
-    `temperature`. Stops the epochs early when the minibatch approx-KL (global mean) exceeds `ppo.early_stop_kl`.
+    the global minibatch as `ppo.loss_agg` says (`rlhf.losses.aggregate_loss`); logprobs under the rollout's
+    distribution (`temperature`, `suppress_ids` forbidden). Stops the epochs early when the minibatch approx-KL
+    (global mean) exceeds `ppo.early_stop_kl`.
     """
     world, rows_total, response_mask = accelerator.num_processes, exp.sequences.shape[0], exp.response_mask
     minibatches, micro = rows_total * world // train.batch_size, train.micro_batch_size
@@ -233,7 +238,8 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
                     with accelerator.autocast():
                         logprobs, entropy = response_logprobs(actor, exp.sequences[r], exp.attention_mask[r],
                                                               exp.prompt_width, temperature, with_entropy=True,
-                                                              entropy_grad=ppo.entropy_coef != 0)
+                                                              entropy_grad=ppo.entropy_coef != 0,
+                                                              suppress_ids=suppress_ids)
                         loss, stats = ppo_policy_loss(logprobs.float(), exp.old_logprobs[r], exp.advantages[r], mask,
                                                       ppo.clip_range, normalizer, ppo.max_log_ratio, ppo.loss_agg)
                         ent = aggregate_loss(entropy.float(), mask, ppo.loss_agg, normalizer)

@@ -52,9 +52,11 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
             scores += scorer.score_generation(gen, [p["prompt"] for p in chunk], tokenizer).tolist()
         if reference is not None:
             with torch.no_grad():
-                lp, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature)
+                # both under the distribution sampled from: the temperature, the pad token forbidden
+                lp, _ = response_logprobs(model, gen.sequences, gen.attention_mask, gen.prompt_width, temperature,
+                                          suppress_ids=(pad_id,))
                 ref_lp, _ = response_logprobs(reference, gen.sequences, gen.attention_mask, gen.prompt_width,
-                                              temperature)
+                                              temperature, suppress_ids=(pad_id,))
             kls += ((lp - ref_lp) * mask).sum(-1).tolist()
     greedy_correct = []
     if greedy and any(gold):

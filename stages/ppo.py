@@ -76,7 +76,8 @@ def run(recipe: PPORecipe) -> Path:
                    monitor)
     if gold_prompts and scaffold.step == 0:
         scaffold.log(0, gold(0, 0.0))  # the starting policy: the baseline the monitor compares against
-    temperature = generate.temperature  # logprobs at the sampling temperature (greedy PPO is refused at load)
+    # log-probs under the distribution sampled from: its temperature (greedy PPO is refused at load), no pad token
+    temperature, suppress_ids = generate.temperature, (tokenizer.pad_token_id,)
     per_rank, per_epoch = ppo.rollout_batch_size // world, len(prompts) // ppo.rollout_batch_size
 
     for it in scaffold.steps():
@@ -99,7 +100,8 @@ def run(recipe: PPORecipe) -> Path:
         with watch("time/ref_values_s"):
             old_logprobs, ref_logprobs, old_values, entropy = no_grad_passes(
                 policy, critic and accelerator.unwrap_model(critic), roles.reference, gen.sequences,
-                gen.attention_mask, gen.prompt_width, train.micro_batch_size, temperature, accelerator.autocast)
+                gen.attention_mask, gen.prompt_width, train.micro_batch_size, temperature, suppress_ids,
+                accelerator.autocast)
         mask = gen.response_mask.float()
         old_logprobs, ref_logprobs = old_logprobs * mask, ref_logprobs * mask
         old_values = old_values * mask if old_values is not None else None
@@ -119,7 +121,7 @@ def run(recipe: PPORecipe) -> Path:
         # 6. K epochs x minibatches of clipped updates of the actor (and critic)
         with watch("time/update_s"):
             stats = update(accelerator, actor, critic, optimizers, schedulers, guard, exp, ppo, train, temperature,
-                           kl_ctl.value, it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it))
+                           suppress_ids, kl_ctl.value, it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it))
 
         # 7. metrics, KL controller, gold monitor
         metrics = {**rollout_metrics(accelerator, exp, kl_ctl.value, episodes_per_iteration,

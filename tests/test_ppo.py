@@ -419,3 +419,21 @@ def test_processes_run_the_same_forwards_and_shard_the_gold_evaluation(chain, tm
     for key, value in whole.items():
         assert ranks[0]["sums"][key] + ranks[1]["sums"][key] == pytest.approx(value, abs=1e-4), key
     assert whole["rows"] == 5
+
+
+def test_every_ppo_logprob_forbids_the_pad_token_as_the_rollout_did(chain, tmp_path, monkeypatch):
+    """The rollout engines never sample the pad token; old, reference and update log-probs (and the entropy) must
+    be taken under that same distribution (rlhf.losses.prepare_logits with the pad id suppressed)."""
+    import rlhf.ppo
+
+    calls = []
+    original = rlhf.ppo.response_logprobs
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("suppress_ids"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf.ppo, "response_logprobs", spy)
+    run = run_stage("ppo", chain["root"], "train.max_steps=1", "ppo.gold_every=0", f"output_dir={tmp_path}/run")
+    pad = load_tokenizer(str(run / "model")).pad_token_id
+    assert len(calls) >= 3 and set(calls) == {(pad,)}  # old, reference and update passes
