@@ -82,26 +82,35 @@ def plot_run(run: Path, stage: str, out_png: Path) -> bool:
     panels = [(t, s) for t, s in panels if s]
     if not panels:
         return False
+
+    def draw(ax, series):
+        for key, (steps, values) in series.items():
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+
+    save_panels(panels, draw, f"{stage}: {run.name}", out_png)
+    return True
+
+
+def save_panels(panels: list[tuple[str, object]], draw, title: str, out_png: Path, height: float = 3.2) -> None:
+    """One PNG, one subplot per (title, data) panel drawn by `draw(ax, data)`; written to a temp file and renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels):
-        for key, (steps, values) in series.items():
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), height), squeeze=False)
+    for ax, (panel_title, data) in zip(axes[0], panels):
+        draw(ax, data)
+        ax.set_title(panel_title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{stage}: {run.name}", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_png)
-    return True
 
 
 def _fmt(v) -> str:
