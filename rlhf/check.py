@@ -21,6 +21,7 @@ from rlhf.errors import UserError
 from rlhf.losses import last_token_index
 from rlhf.models import load_tokenizer, model_dir, tokenizer_for
 from rlhf.recipes import load_recipe
+from rlhf.tracking import check_installed
 
 
 class Style:
@@ -192,6 +193,8 @@ def main(argv: list[str]) -> int:
     stage = recipe.stage
     print(f"recipe {argv[0]}: stage {stage}, valid")
     check_parents(recipe)  # every run folder it names is of a stage that may feed this one
+    if hasattr(recipe, "train"):
+        check_installed(recipe.train.report_to)  # the packages of the experiment trackers
     if stage in ("sft", "rm", "dpo", "ppo"):
         model_dir(recipe.model.name_or_path, "model.name_or_path")
         tokenizer = tokenizer_for(recipe.model)

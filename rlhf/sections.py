@@ -14,6 +14,8 @@ from rlhf.config import opt, req
 from rlhf.errors import RecipeError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# accelerate's experiment trackers (`Accelerator(log_with=...)`), see rlhf.tracking
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,10 +63,17 @@ class TrainSection:
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", gt=0)
     on_nonfinite: Literal["skip", "stop"] = opt("skip", "non-finite loss/gradient: skip the step or stop the run")
     max_nonfinite: int = opt(20, "stop once this many steps have been skipped as non-finite", ge=0)
+    report_to: list[Tracker] = opt(["tensorboard"], "experiment trackers (accelerate's) that receive every metric "
+                                                    "line; metrics.jsonl is always written. wandb, mlflow, trackio: "
+                                                    "pip install 'rlhf[tracking]'")
+    tracker_project: Optional[str] = opt(None, "W&B / trackio project, MLflow experiment; null = the name of the "
+                                               "folder holding the run folder (runs/tiny/sft -> tiny)")
 
     def validate(self) -> None:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise RecipeError(f"expected two numbers in [0, 1), got {self.adam_betas}", key="adam_betas")
+        if len(set(self.report_to)) < len(self.report_to):
+            raise RecipeError(f"names a tracker twice: {self.report_to}", key="report_to")
 
 
 @dataclass(kw_only=True)
