@@ -152,7 +152,8 @@ def check_eval(recipe) -> None:
     for name, spec in section.models.items():
         _print_tokenizer(load_tokenizer(spec, f"eval.models.{name}", pad_token=section.pad_token,
                                         trust_remote_code=section.trust_remote_code, pad_key="eval.pad_token"), name)
-    for key, spec in (("eval.reward_model", section.reward_model), ("eval.reference", section.reference)):
+    for key, spec in (("eval.reward_model", section.reward_model), ("eval.reference", section.reference),
+                      ("eval.judge", section.judge)):
         if spec:
             model_dir(spec, key)
     records = read_prompts(section.prompts, "eval.prompts", recipe.seed, section.template, "eval.template",

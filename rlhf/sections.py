@@ -234,6 +234,13 @@ class EvalSection:
     template: str = opt("alpaca", "prompt template for Alpaca-style records")
     reward_model: Optional[str] = opt(None, "rm run folder: report the mean reward-model score")
     reference: Optional[str] = opt(None, "model the KL is measured against (usually the SFT run)")
+    judge: Optional[str] = opt(None, "rm run folder or HF sequence-classification model judging each model's response "
+                                     "against the baseline's on the same prompt (win / tie / loss rates); the "
+                                     "training RM as judge measures the proxy, not quality")
+    baseline: Optional[str] = opt(None, "name in `models` the others are judged against; null = the first listed")
+    tie_margin: float = opt(0.0, "judge score differences within +-this are ties (identical responses always tie)",
+                            ge=0)
+    bootstrap: int = opt(1000, "bootstrap resamples of the prompts for the 95% intervals of the win rates", gt=0)
     max_prompts: int = opt(256, "prompts evaluated at most", gt=0)
     max_prompt_len: int = opt(256, "prompt tokens kept", gt=0)
     samples_shown: int = opt(4, "sample completions per model in the report", ge=0)
@@ -241,6 +248,11 @@ class EvalSection:
     pad_token: Optional[str] = opt(None, "pad token to add to a model whose tokenizer has none or pads with EOS")
     dtype: Dtype = opt("float32", "dtype models are loaded in")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+
+    def validate(self) -> None:
+        if self.baseline is not None and self.baseline not in self.models:
+            raise RecipeError(f"expected one of the names in eval.models ({', '.join(self.models)}), got "
+                              f"{self.baseline!r}", key="baseline")
 
 
 @dataclass(kw_only=True)
