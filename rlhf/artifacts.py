@@ -8,7 +8,7 @@ Layout of a finished run folder:
     recipe.yaml      the fully resolved recipe (re-runnable as is)
     manifest.json    stage, recipe, versions, git commit, input hashes, data counts, final metrics, wall time
     metrics.jsonl    one JSON object per logged step, flat `group/name` keys
-    tb/              TensorBoard event files
+    tb/<project>/    TensorBoard event files (`train.report_to`, see rlhf.tracking)
     model/           HF-loadable model or peft adapter, with the tokenizer
 """
 
@@ -159,13 +159,12 @@ def check_parents(recipe) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard, written by the main process only."""
+    """metrics.jsonl, written by the main process only (trackers such as TensorBoard: `rlhf.tracking`)."""
 
-    def __init__(self, folder: Path, enabled: bool, resume_offset: int | None = None, resume_step: int = 0):
+    def __init__(self, folder: Path, enabled: bool, resume_offset: int | None = None):
         self.path = folder / "metrics.jsonl"
         self.enabled = enabled
         self.last: dict[str, float] = {}
-        self._tb = None
         if not enabled:
             return
         if resume_offset is not None and self.path.exists():
@@ -174,12 +173,6 @@ class MetricsLog:
                 f.truncate(resume_offset)
         elif resume_offset is None and self.path.exists():
             self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(folder / "tb"), purge_step=resume_step if resume_offset is not None else None)
-        except ImportError:  # tensorboard is a dependency; keep going with JSONL only if it is missing
-            self._tb = None
 
     def offset(self) -> int:
         return self.path.stat().st_size if self.enabled and self.path.exists() else 0
@@ -191,15 +184,6 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
-        if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
 
 
 def _finite_or_none(v: Any) -> Any:

@@ -97,3 +97,20 @@ def markdown_table(results: list[dict]) -> str:
                      f"{f(r['reward_score'])} | {f(r['kl_to_reference'])} | {f(r['response_length'])} | "
                      f"{f(r['eos_rate'], True)} |")
     return "\n".join(lines)
+
+
+def win_rate_table(comparisons: list[dict]) -> str:
+    """Judged win rates against the baseline (`stages.eval.compare_with_baseline`), gold accuracy beside."""
+    lines = ["| model | vs | win | win 95% CI | tie | loss | length (chars) | baseline length | gold acc. | "
+             "baseline gold acc. |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in comparisons:
+        ci = c.get("win_ci") or [None, None]
+        lines.append(f"| {c['model']} | {c['baseline']} | {percent(c['win'])} | {percent(ci[0])}–{percent(ci[1])} | "
+                     f"{percent(c['tie'])} | {percent(c['loss'])} | {c['length_chars']:.1f} | "
+                     f"{c['baseline_length_chars']:.1f} | {percent(c.get('gold_accuracy'))} | "
+                     f"{percent(c.get('baseline_gold_accuracy'))} |")
+    return "\n".join(lines)
+
+
+def percent(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"

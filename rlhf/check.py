@@ -23,6 +23,7 @@ from rlhf.losses import last_token_index
 from rlhf.models import load_tokenizer, model_dir, stop_token_ids, tokenizer_for
 from rlhf.recipes import load_recipe
 from rlhf.rewards import check_records, load_reward_fn
+from rlhf.tracking import check_installed
 
 
 class Style:
@@ -178,7 +179,8 @@ def check_corpus(recipe) -> None:
 
 def check_eval(recipe) -> None:
     section = recipe.eval
-    for key, spec in (("eval.reward_model", section.reward_model), ("eval.reference", section.reference)):
+    for key, spec in (("eval.reward_model", section.reward_model), ("eval.reference", section.reference),
+                      ("eval.judge", section.judge)):
         if spec:
             model_dir(spec, key)
     for name, spec in section.models.items():  # each model's prompts are rendered with its own tokenizer
@@ -225,6 +227,8 @@ def main(argv: list[str]) -> int:
     stage = recipe.stage
     print(f"recipe {argv[0]}: stage {stage}, valid")
     check_parents(recipe)  # every run folder it names is of a stage that may feed this one
+    if hasattr(recipe, "train"):
+        check_installed(recipe.train.report_to)  # the packages of the experiment trackers
     if stage in ("sft", "rm", "dpo", "ppo"):
         model_dir(recipe.model.name_or_path, "model.name_or_path")
         tokenizer = tokenizer_for(recipe.model)

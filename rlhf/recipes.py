@@ -105,7 +105,8 @@ PARENT_STAGES: dict[str, dict[str, tuple[str, ...]]] = {
     "rm": {"model.name_or_path": ("pretrain", "sft", "dpo", "export")},
     "ppo": {"model.name_or_path": POLICY_RUNS, "ppo.reward_model": REWARD_RUNS},
     "dpo": {"model.name_or_path": POLICY_RUNS, "dpo.reference": POLICY_RUNS},
-    "eval": {"eval.models": POLICY_RUNS, "eval.reference": POLICY_RUNS, "eval.reward_model": REWARD_RUNS},
+    "eval": {"eval.models": POLICY_RUNS, "eval.reference": POLICY_RUNS, "eval.reward_model": REWARD_RUNS,
+             "eval.judge": REWARD_RUNS},
     "export": {"source": ("pretrain", "sft", "rm", "ppo", "dpo")},
 }
 

@@ -1,8 +1,10 @@
 """`rlhf report RUN_DIR... [--out DIR]`: one Markdown and one HTML page with tables and PNG plots.
 
 A path is a run folder (has manifest.json) or a folder of run folders (e.g. runs/tiny). The page has
-the eval table (if an eval run is among them), then per stage its key final metrics and its training
-curves: SFT loss, RM accuracy, PPO score / gold accuracy / KL / entropy, DPO margin and accuracy.
+the eval table (if an eval run is among them), its judged win rates and the KL-reward frontier (every
+evaluated model's KL to the reference against its reward-model score, gold accuracy and win rate), then
+per stage its key final metrics and its training curves: SFT loss, RM accuracy, PPO score / gold accuracy
+/ KL / entropy, DPO margin and accuracy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 from rlhf.artifacts import read_manifest
-from rlhf.card import markdown_table
+from rlhf.card import markdown_table, win_rate_table
 from rlhf.errors import UserError
 
 ORDER = ["tasks", "pretrain", "sft", "rm", "ppo", "dpo", "eval", "export"]
@@ -82,25 +84,60 @@ def plot_run(run: Path, stage: str, out_png: Path) -> bool:
     panels = [(t, s) for t, s in panels if s]
     if not panels:
         return False
+
+    def draw(ax, series):
+        for key, (steps, values) in series.items():
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+
+    save_panels(panels, draw, f"{stage}: {run.name}", out_png)
+    return True
+
+
+def save_panels(panels: list[tuple[str, object]], draw, title: str, out_png: Path, height: float = 3.2) -> None:
+    """One PNG, one subplot per (title, data) panel drawn by `draw(ax, data)`; written to a temp file and renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels):
-        for key, (steps, values) in series.items():
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), height), squeeze=False)
+    for ax, (panel_title, data) in zip(axes[0], panels):
+        draw(ax, data)
+        ax.set_title(panel_title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{stage}: {run.name}", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_png)
+
+
+def plot_frontier(results: list[dict], comparisons: list[dict], out_png: Path) -> bool:
+    """KL to the reference (x) against reward-model score, gold accuracy (sampled) and judged win rate (y), one
+    labelled point per evaluated model: the plot that compares PPO, DPO, ... runs. False when no model has a KL
+    and one of these figures."""
+    baseline = comparisons[0]["baseline"] if comparisons else None
+    panels = [("reward-model score", {r["model"]: r.get("reward_score") for r in results}),
+              ("gold accuracy (sampled)", {r["model"]: r.get("gold_accuracy") for r in results}),
+              (f"judged win rate vs {baseline}", {c["model"]: c.get("win") for c in comparisons})]
+    kl = {r["model"]: r.get("kl_to_reference") for r in results}
+    panels = [(title, [(kl[m], y, m) for m, y in ys.items() if kl.get(m) is not None and y is not None])
+              for title, ys in panels]
+    panels = [(title, points) for title, points in panels if points]
+    if not panels:
+        return False
+
+    def draw(ax, points):
+        ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=30)
+        for x, y, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.margins(0.15)  # room for the labels
+        ax.set_xlabel("KL to reference (nats / response)")
+
+    save_panels(panels, draw, "KL-reward frontier", out_png, height=3.4)
     return True
 
 
@@ -128,13 +165,17 @@ def build_report(paths: list[Path], out: Path) -> Path:
     body = ["<h1>RLHF run report</h1>"]
     for run, manifest in runs:
         if manifest["stage"] == "eval" and (run / "eval.json").is_file():
-            results = json.loads((run / "eval.json").read_text())["results"]
+            evaluation = json.loads((run / "eval.json").read_text())
+            results = evaluation["results"]
             table, by_task = markdown_table(results), _by_task_table(results)
             md += ["## Evaluation", "", f"`{run}`", "", table, ""]
             body += ["<h2>Evaluation</h2>", _html_table(table)]
             if by_task:
                 md += ["Gold accuracy (sampled) by task:", "", by_task, ""]
                 body += ["<p>Gold accuracy (sampled) by task:</p>", _html_table(by_task)]
+            more_md, more_html = _judge_and_frontier(run, evaluation, out)
+            md += more_md
+            body += more_html
     for run, manifest in runs:
         stage = manifest["stage"]
         if stage == "eval":
@@ -155,6 +196,24 @@ def build_report(paths: list[Path], out: Path) -> Path:
     _write_atomic(out / "index.html", f"<!doctype html><html><head><meta charset='utf-8'><title>RLHF report</title>"
                                       f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     return readme
+
+
+def _judge_and_frontier(run: Path, evaluation: dict, out: Path) -> tuple[list[str], list[str]]:
+    """Markdown lines and HTML parts: the eval run's judged win rates (if it had a judge) and its frontier plot."""
+    md: list[str] = []
+    body: list[str] = []
+    judge = evaluation.get("judge") or {}
+    comparisons = judge.get("comparisons") or []
+    if comparisons:
+        title = f"Judged win rates against {judge.get('baseline')} (judge: {judge.get('model')})"
+        table = win_rate_table(comparisons)
+        md += [f"{title}:", "", table, ""]
+        body += [f"<p>{html.escape(title)}:</p>", _html_table(table)]
+    png = out / f"frontier-{run.name}.png"
+    if plot_frontier(evaluation["results"], comparisons, png):
+        md += [f"![KL-reward frontier]({png.name})", ""]
+        body.append(f'<img src="{png.name}" alt="KL-reward frontier" style="max-width:100%">')
+    return md, body
 
 
 def _html_table(markdown: str) -> str:

@@ -8,7 +8,9 @@ import sys
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from rlhf import tracking
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -22,12 +24,19 @@ def resolve_mixed_precision(choice: str) -> str:
     return "no"
 
 
-def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+def make_accelerator(mixed_precision: str = "auto", report_to: list[str] | None = None,
+                     output_dir: str | None = None) -> Accelerator:
+    """The accelerator of a training stage. `report_to` (`train.report_to`): accelerate trackers, checked first (a
+    missing package is a recipe error, before any model is loaded) and started by the scaffold
+    (`rlhf.tracking`); TensorBoard writes into the run folder being built for `output_dir`."""
     # We run gradient accumulation ourselves (token-weighted over the whole accumulated batch, see
     # `micro_batch`), so accelerate's own accumulation stays at 1 step and never rescales the loss.
     # Without CUDA, a multi-process launch (`accelerate launch --multi_gpu --num_processes N` or
     # torchrun) runs CPU processes over gloo.
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available())
+    tracking.check_installed(report_to or [])
+    project = ProjectConfiguration(logging_dir=str(tracking.logging_dir(output_dir))) if output_dir else None
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available(),
+                       log_with=list(report_to or []) or None, project_config=project)
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ both run inside it, so their own code shows only what a step does.
     final = scaffold.close()           # the last value of every logged metric
 
 A checkpoint holds the models' trainable weights, optimizers, schedulers, RNG states (`rlhf.checkpoint`),
-`scaffold.state` (plain values: step, metrics-log offset, final metrics, anything a stage adds) and the
-`state_dict()` of every `stateful` object (step guard, KL controller, monitor, ...).
+`scaffold.state` (plain values: step, metrics-log offset, final metrics, tracker run ids, anything a stage
+adds) and the `state_dict()` of every `stateful` object (step guard, KL controller, monitor, ...).
+Every metrics line goes to metrics.jsonl and to the recipe's trackers (`train.report_to`, `rlhf.tracking`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from rlhf import checkpoint
+from rlhf import checkpoint, tracking
 from rlhf.artifacts import MetricsLog
 from rlhf.errors import Interrupted
 from rlhf.runtime import Interrupt, global_sum
@@ -46,8 +47,8 @@ class Scaffold:
             self.state.update(saved)
             if accelerator.is_main_process:
                 print(f"resuming from {ckpt} ({unit} {self.state['step']} of {total})", file=sys.stderr)
-        self.metrics = MetricsLog(folder.partial, accelerator.is_main_process, self.state["metrics_offset"],
-                                  self.state["step"])
+        self.metrics = MetricsLog(folder.partial, accelerator.is_main_process, self.state["metrics_offset"])
+        tracking.start(accelerator, folder, train, self.state)
         self.final: dict[str, float] = dict(self.state["final"])
         self._bar: tqdm | None = None
 
@@ -73,13 +74,14 @@ class Scaffold:
                 if (train.save_every and step % train.save_every == 0 and step < self.total) or stop:
                     self.save_checkpoint()
                 if stop:
-                    self.metrics.close()
+                    self.close()
                     raise Interrupted(f"interrupted at {self.unit} {step} of {self.total}; checkpoint saved in "
                                       f"{self.folder.checkpoints}")
 
     def log(self, step: int, metrics: dict[str, float], progress: dict[str, str] | None = None) -> None:
-        """One line of metrics.jsonl (and TensorBoard); the values also become the run's final metrics."""
+        """One line of metrics.jsonl and of every tracker; the values also become the run's final metrics."""
         self.metrics.log(step, metrics)
+        tracking.log(self.accelerator, step, metrics)
         self.final.update(metrics)
         if progress and self._bar is not None:
             self._bar.set_postfix(progress, refresh=False)
@@ -92,8 +94,8 @@ class Scaffold:
                         self.optimizers, self.schedulers, self.train.keep_checkpoints)
 
     def close(self) -> dict[str, float]:
-        """End of training: close the log; returns the final metrics."""
-        self.metrics.close()
+        """End of training: close the tracker runs; returns the final metrics."""
+        tracking.finish(self.accelerator)
         return self.final
 
 

@@ -14,6 +14,8 @@ from rlhf.config import opt, req
 from rlhf.errors import RecipeError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# accelerate's experiment trackers (`Accelerator(log_with=...)`), see rlhf.tracking
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,10 +67,17 @@ class TrainSection:
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", gt=0)
     on_nonfinite: Literal["skip", "stop"] = opt("skip", "non-finite loss/gradient: skip the step or stop the run")
     max_nonfinite: int = opt(20, "stop once this many steps have been skipped as non-finite", ge=0)
+    report_to: list[Tracker] = opt(["tensorboard"], "experiment trackers (accelerate's) that receive every metric "
+                                                    "line; metrics.jsonl is always written. wandb, mlflow, trackio: "
+                                                    "pip install 'rlhf[tracking]'")
+    tracker_project: Optional[str] = opt(None, "W&B / trackio project, MLflow experiment; null = the name of the "
+                                               "folder holding the run folder (runs/tiny/sft -> tiny)")
 
     def validate(self) -> None:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise RecipeError(f"expected two numbers in [0, 1), got {self.adam_betas}", key="adam_betas")
+        if len(set(self.report_to)) < len(self.report_to):
+            raise RecipeError(f"names a tracker twice: {self.report_to}", key="report_to")
 
 
 @dataclass(kw_only=True)
@@ -277,6 +286,13 @@ class EvalSection:
                                   "and single-turn records")
     reward_model: Optional[str] = opt(None, "rm run folder: report the mean reward-model score")
     reference: Optional[str] = opt(None, "model the KL is measured against (usually the SFT run)")
+    judge: Optional[str] = opt(None, "rm run folder or HF sequence-classification model judging each model's response "
+                                     "against the baseline's on the same prompt (win / tie / loss rates); the "
+                                     "training RM as judge measures the proxy, not quality")
+    baseline: Optional[str] = opt(None, "name in `models` the others are judged against; null = the first listed")
+    tie_margin: float = opt(0.0, "judge score differences within +-this are ties (identical responses always tie)",
+                            ge=0)
+    bootstrap: int = opt(1000, "bootstrap resamples of the prompts for the 95% intervals of the win rates", gt=0)
     max_prompts: int = opt(256, "prompts evaluated at most", gt=0)
     max_prompt_len: int = opt(256, "prompt tokens kept", gt=0)
     samples_shown: int = opt(4, "sample completions per model in the report", ge=0)
@@ -284,6 +300,11 @@ class EvalSection:
     pad_token: Optional[str] = opt(None, "pad token to add to a model whose tokenizer has none or pads with EOS")
     dtype: Dtype = opt("float32", "dtype models are loaded in")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+
+    def validate(self) -> None:
+        if self.baseline is not None and self.baseline not in self.models:
+            raise RecipeError(f"expected one of the names in eval.models ({', '.join(self.models)}), got "
+                              f"{self.baseline!r}", key="baseline")
 
 
 @dataclass(kw_only=True)

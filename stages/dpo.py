@@ -41,7 +41,7 @@ def pair_logps(model, batch: dict, average: bool):
 
 
 def run(recipe: DPORecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final

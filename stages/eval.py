@@ -4,7 +4,9 @@ For each model (base, sft, ppo, dpo, ...): gold accuracy of sampled completions 
 stages optimize) and of greedy ones, when prompts carry the task suite's answers; mean reward-model
 score; KL to the reference (the sft model): the mean over prompts of sum_t [log pi(y_t) - log ref(y_t)]
 on the model's own samples (an unbiased estimate of KL(pi || ref) per response); mean response length;
-EOS rate; a few sample completions. Writes `eval.json` and `eval.md`.
+EOS rate; a few sample completions. With `eval.judge`, every model is compared with the baseline model
+prompt by prompt under the judge (win / tie / loss rates with bootstrap intervals, both sides' response
+length), on any prompt file, gold or not. Writes `eval.json` and `eval.md`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from data_formats.tasks import grade, has_gold
 from rlhf.artifacts import RunFolder, check_parents, write_json_atomic
-from rlhf.card import markdown_table
+from rlhf.card import markdown_table, percent, win_rate_table
 from rlhf.data import encode_prompts, read_prompts
 from rlhf.forward import response_logprobs
 from rlhf.models import load_model, load_tokenizer
@@ -24,12 +26,14 @@ from rlhf.recipes import EvalRecipe
 from rlhf.rollout import decode_responses, generate_batches, row_keys
 from rlhf.runtime import partial_state, seed_everything
 from rlhf.scoring import load_scorer
+from rlhf.stats import win_rates
 
 
 def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device, scorer, reference, greedy: bool,
-                   shown: int, seed: int = 0) -> dict:
-    """All figures for one model on `prompts` ({'prompt_ids', 'meta', 'prompt'})."""
-    correct, scores, kls, lengths, ended, samples = [], [], [], [], [], []
+                   shown: int, seed: int = 0, judge=None) -> dict:
+    """All figures for one model on `prompts` ({'prompt_ids', 'meta', 'prompt'}); with a `judge`, also its score of
+    every response ('judge_scores') and the responses themselves, in prompt order."""
+    correct, scores, kls, lengths, ended, samples, responses, judged = [], [], [], [], [], [], [], []
     by_task: dict[str, list[bool]] = {}
     gold = [has_gold(p["meta"]) for p in prompts]
     temperature = cfg.temperature or 1.0
@@ -39,6 +43,7 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
     for start, gen in generate_batches(model, ids, cfg, eos_id, pad_id, device, keys):
         chunk = prompts[start:start + cfg.batch_size]
         texts = decode_responses(tokenizer, gen)
+        responses += texts
         mask = gen.response_mask.float()
         lengths += mask.sum(-1).tolist()
         ended += gen.ended.tolist()
@@ -48,8 +53,12 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
                 by_task.setdefault(p["meta"]["task"], []).append(correct[-1])
             if len(samples) < shown:
                 samples.append({"prompt": p["prompt"], "completion": text})
+        texts_in = [p["prompt"] for p in chunk]
         if scorer is not None:
-            scores += scorer.score_generation(gen, [p["prompt"] for p in chunk], tokenizer).tolist()
+            scores += scorer.score_generation(gen, texts_in, tokenizer).tolist()
+        if judge is not None:
+            judged += scores[-len(chunk):] if judge is scorer else \
+                judge.score_generation(gen, texts_in, tokenizer).tolist()
         if reference is not None:
             with torch.no_grad():
                 # both under the distribution sampled from: the temperature, the pad token forbidden
@@ -69,7 +78,52 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
             "gold_accuracy": mean(correct), "gold_accuracy_greedy": mean(greedy_correct),
             "reward_score": mean(scores), "kl_to_reference": mean(kls), "response_length": mean(lengths),
             "eos_rate": mean(ended), "gold_accuracy_by_task": {k: mean(v) for k, v in sorted(by_task.items())},
-            "samples": samples}
+            "judge_score": mean(judged), "samples": samples, "judge_scores": judged if judge is not None else None,
+            "responses": responses}
+
+
+def compare_with_baseline(results: list[dict], baseline: str, tie_margin: float, n_boot: int, seed: int) -> list[dict]:
+    """Each model against `baseline` under the judge, prompt by prompt: both answered the same prompt, each with its
+    own sample (the same per-prompt noise); win / tie / loss rates (`rlhf.stats.win_rates`), the mean response
+    length in characters of both sides (a judge that favors length shows), and gold accuracy beside."""
+    base = next(r for r in results if r["model"] == baseline)
+    chars = lambda texts: sum(map(len, texts)) / len(texts) if texts else None  # noqa: E731
+    rows = []
+    for r in results:
+        if r is base:
+            continue
+        same = [a == b for a, b in zip(r["responses"], base["responses"])]
+        rows.append({"model": r["model"], "baseline": baseline,
+                     **win_rates(r["judge_scores"], base["judge_scores"], tie_margin, n_boot, seed, same),
+                     "length_chars": chars(r["responses"]), "baseline_length_chars": chars(base["responses"]),
+                     "judge_score": r["judge_score"], "baseline_judge_score": base["judge_score"],
+                     "gold_accuracy": r["gold_accuracy"], "baseline_gold_accuracy": base["gold_accuracy"]})
+    return rows
+
+
+def judge_summary(section, judged: list[dict]) -> dict:
+    """The judge's part of eval.json and the manifest (empty without a judge)."""
+    if not judged:
+        return {}
+    return {"judge": {"model": section.judge, "baseline": judged[0]["baseline"], "tie_margin": section.tie_margin,
+                      "bootstrap": section.bootstrap, "comparisons": judged}}
+
+
+def write_outputs(folder: Path, results: list[dict], summary: dict) -> None:
+    """eval.json (every figure, the judge's scores per prompt) and eval.md (tables and sample completions)."""
+    write_json_atomic(folder / "eval.json", {"results": results, **summary})
+    lines = ["# Evaluation", "", markdown_table(results), ""]
+    if summary:
+        judge = summary["judge"]
+        lines += [f"## Judged win rates against {judge['baseline']}", "",
+                  f"Judge: `{judge['model']}`. Each model's response and the baseline's to the same prompt; a tie "
+                  f"within {judge['tie_margin']:g} or when identical; 95% bootstrap intervals over prompts.", "",
+                  win_rate_table(judge["comparisons"]), ""]
+    for r in results:
+        lines += [f"## {r['model']}: samples", ""]
+        for sample in r["samples"]:
+            lines += ["```", sample["prompt"] + sample["completion"], "```", ""]
+    (folder / "eval.md").write_text("\n".join(lines))
 
 
 def run(recipe: EvalRecipe) -> Path:
@@ -82,10 +136,14 @@ def run(recipe: EvalRecipe) -> Path:
     section, device = recipe.eval, state.device
     load = dict(dtype=section.dtype, trust_remote_code=section.trust_remote_code)
 
-    results = []
+    results, judged = [], []
     if state.is_main_process:  # evaluation is cheap next to training: one process does it
         scorer = load_scorer(section.reward_model, device, normalize=False, key="eval.reward_model",
                              trust_remote_code=section.trust_remote_code) if section.reward_model else None
+        judge = None
+        if section.judge:  # the reward model itself when it is the same one (its scores are then reused)
+            judge = scorer if section.judge == section.reward_model else load_scorer(
+                section.judge, device, normalize=False, key="eval.judge", trust_remote_code=section.trust_remote_code)
         reference = None
         if section.reference:
             reference = load_model(section.reference, "eval.reference", **load).to(device).eval()
@@ -101,7 +159,7 @@ def run(recipe: EvalRecipe) -> Path:
             ref = reference if same_vocab else None  # KL needs the same token ids
             # every model draws the same per-prompt noise (seeded decoder), so differences are the models'
             result = evaluate_model(name, model, tokenizer, prompts, recipe.generate, device, scorer, ref,
-                                    section.greedy, section.samples_shown, recipe.seed)
+                                    section.greedy, section.samples_shown, recipe.seed, judge)
             results.append(result)
             folder.input(key, spec)
             print(f"eval {name}: gold {result['gold_accuracy']}, greedy {result['gold_accuracy_greedy']}, "
@@ -109,15 +167,21 @@ def run(recipe: EvalRecipe) -> Path:
                   f"by task {result['gold_accuracy_by_task']}")
             del model
         folder.input("eval.prompts", section.prompts)
-        write_json_atomic(folder.partial / "eval.json", {"results": results})
-        lines = ["# Evaluation", "", markdown_table(results), ""]
+        folder.input("eval.judge", section.judge)
+        if judge is not None:
+            judged = compare_with_baseline(results, section.baseline or next(iter(section.models)),
+                                           section.tie_margin, section.bootstrap, recipe.seed)
+        for c in judged:  # the judge beside gold: do they agree?
+            print(f"judge {c['model']} vs {c['baseline']}: win {percent(c['win'])} [{percent(c['win_ci'][0])}, "
+                  f"{percent(c['win_ci'][1])}], tie {percent(c['tie'])}, loss {percent(c['loss'])}; length "
+                  f"{c['length_chars']:.1f} vs {c['baseline_length_chars']:.1f} chars; gold "
+                  f"{percent(c['gold_accuracy'])} vs {percent(c['baseline_gold_accuracy'])}")
         for r in results:
-            lines += [f"## {r['model']}: samples", ""]
-            for s in r["samples"]:
-                lines += ["```", s["prompt"] + s["completion"], "```", ""]
-        (folder.partial / "eval.md").write_text("\n".join(lines))
+            del r["responses"]
+        write_outputs(folder.partial, results, judge_summary(section, judged))
     metrics = {f"{r['model']}/{k}": v for r in results for k, v in r.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return folder.finish(metrics, extra={"results": [{k: v for k, v in r.items() if k != "samples"}
-                                                     for r in results]})
+    metrics.update({f"{c['model']}/judge_{k}": c[k] for c in judged for k in ("win", "tie", "loss")})
+    results = [{k: v for k, v in r.items() if k not in ("samples", "judge_scores")} for r in results]
+    return folder.finish(metrics, extra={"results": results, **judge_summary(section, judged)})
 

@@ -39,7 +39,7 @@ from rlhf.scaffold import Scaffold, Stopwatch
 
 
 def run(recipe: PPORecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
     check_launch(accelerator, recipe.ppo)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:

@@ -59,7 +59,7 @@ def pack_documents(docs: list[str], tokenizer, max_len: int) -> list[list[int]]:
 
 
 def run(recipe: PretrainRecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final

@@ -29,7 +29,7 @@ from rlhf.scoring import rewards_at_last_token
 
 
 def run(recipe: RMRecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final

@@ -30,7 +30,7 @@ def trained_tokens(example: dict) -> int:
 
 
 def run(recipe: SFTRecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final

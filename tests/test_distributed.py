@@ -80,6 +80,7 @@ def test_one_and_two_processes_give_the_same_curves(chain, tmp_path, stage):
     # only the main process wrote: one line per logged step, one event file, the derived figures say 2
     lines = (runs[2] / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len((runs[1] / "metrics.jsonl").read_text().splitlines())
-    assert len(list((runs[2] / "tb").iterdir())) == 1
+    (project,) = (runs[2] / "tb").iterdir()  # tb/<project>/ (rlhf.tracking)
+    assert len(list(project.glob("events.out.tfevents.*"))) == 1
     manifest = json.loads((runs[2] / "manifest.json").read_text())
     assert manifest["derived"]["processes"] == 2

@@ -45,7 +45,7 @@ def test_report_has_tables_and_plots(runs, tmp_path):
     assert "| sft | 70.0% |" in text  # per-task table
     assert text.index("## sft") < text.index("## ppo")  # stage order
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert pngs == ["ppo-ppo.png", "sft-sft.png"]
+    assert pngs == ["frontier-eval.png", "ppo-ppo.png", "sft-sft.png"]  # the eval's KL-reward frontier too
     for name in pngs:
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000
