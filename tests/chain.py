@@ -4,6 +4,7 @@ point every path into a temp folder and cut the steps and the model size."""
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 from rlhf.recipes import load_recipe
@@ -42,7 +43,10 @@ def write_recipe(stage: str, root: Path) -> Path:
     raw = yaml.safe_load((TINY / f"{stage}.yaml").read_text())
     path = root / "recipes" / f"{stage}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(paths(root, yaml.safe_dump(raw, sort_keys=False)))
+    # written atomically: test processes running side by side (spawned workers) write the same file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(paths(root, yaml.safe_dump(raw, sort_keys=False)))
+    os.replace(tmp, path)
     return path
 
 
