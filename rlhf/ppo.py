@@ -120,23 +120,24 @@ def score_rollout(scorer, reward_fn, weights: dict, gen: Generation, batch: list
     return sum(weights.get(name, 1.0) * value for name, value in sources.items()), sources
 
 
-# --- advantages: one function per ppo.advantage_estimator, (rewards, values, mask, ppo, k) -> (advantages, returns)
+# --- advantages: one function per ppo.advantage_estimator, (rewards, values, mask, ppo) -> (advantages, returns)
 # (rewards: r_t = -kl_coef·kl_t with kl_in: reward, + the score at the last token; values: the critic's, gae only)
 
 
-def _gae(rewards, values, mask, ppo, group_size):
+def _gae(rewards, values, mask, ppo):
     return gae(rewards, values, mask, ppo.gamma, ppo.gae_lambda)
 
 
-def _grpo(rewards, values, mask, ppo, group_size):
-    return _per_token(grpo_advantages(masked_sum(rewards, mask, dim=-1), group_size, ppo.scale_by_std), mask)
+def _grpo(rewards, values, mask, ppo):
+    returns = masked_sum(rewards, mask, dim=-1)  # (B,) each response's summed reward
+    return _per_token(grpo_advantages(returns, ppo.samples_per_prompt, ppo.scale_by_std), mask)
 
 
-def _rloo(rewards, values, mask, ppo, group_size):
-    return _per_token(rloo_advantages(masked_sum(rewards, mask, dim=-1), group_size), mask)
+def _rloo(rewards, values, mask, ppo):
+    return _per_token(rloo_advantages(masked_sum(rewards, mask, dim=-1), ppo.samples_per_prompt), mask)
 
 
-def _reinforce_pp(rewards, values, mask, ppo, group_size):
+def _reinforce_pp(rewards, values, mask, ppo):
     # REINFORCE++ (Hu 2025): the per-token KL-shaped return G_t, whitened over the global batch by the stage
     return discounted_returns(rewards, mask, ppo.gamma), None
 

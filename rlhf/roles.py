@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
@@ -18,6 +19,7 @@ from rlhf.models import (ScalarHead, count_parameters, disable_dropout, load_fro
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.rollout import generate_batches, row_keys
 from rlhf.runtime import global_sums
+from rlhf.saving import save_model
 from rlhf.scoring import RewardScorer, load_scorer
 
 @dataclass
@@ -123,6 +125,15 @@ def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], gener
     return {"mean": mean, "std": max(std, 1e-6), "count": int(total["n"]), "fitted_on": "policy"}
 
 
+def rollout_rows(n_prompts: int, ppo, iteration: int, rank: int, world: int, seed: int) -> tuple[list, list]:
+    """This process's rows of iteration `iteration` (`episodes` of its share of the epoch's prompt order, which
+    `rlhf.data.plan_batches` deals out), and the indices their sampling noise is keyed by."""
+    per_epoch = n_prompts // ppo.rollout_batch_size
+    (mine,) = plan_batches(n_prompts, ppo.rollout_batch_size, ppo.rollout_batch_size // world, rank, world, seed,
+                           iteration // per_epoch, iteration % per_epoch)
+    return episodes(mine, ppo.samples_per_prompt)
+
+
 def episodes(prompt_indices: list[int], samples_per_prompt: int) -> tuple[list[int], list[int]]:
     """Rows of a rollout: each prompt index repeated k times (a prompt's group is contiguous), and the index each
     row's sampling noise is keyed by, prompt * k + sample (with k = 1: the prompt's index)."""
@@ -142,6 +153,17 @@ def fold_normalization(critic: ScalarHead, mean: float, std: float) -> None:
         if getattr(head, "bias", None) is not None:
             head.bias.div_(std)
         critic.bias.fill_(-mean / std)
+
+
+def save_trained(accelerator, folder: Path, actor, critic, tokenizer, recipe) -> dict:
+    """Save the actor in `folder/model` (an adapter on the starting model, or full) and the critic in
+    `folder/critic` (an adapter on its backbone's model, or full); returns their manifest entries."""
+    model_section, ppo = recipe.model, recipe.ppo
+    out = {"model_info": save_model(accelerator, actor, tokenizer, folder / "model", base=model_section.name_or_path)}
+    if critic is not None:
+        base = ppo.reward_model if ppo.critic_init == "reward" else model_section.name_or_path
+        out["critic_info"] = save_model(accelerator, critic, tokenizer, folder / "critic", base=base)
+    return out
 
 
 def memory_report(roles: Roles, device) -> str:

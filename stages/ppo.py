@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from rlhf.artifacts import RunFolder, check_parents
-from rlhf.data import plan_batches
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
 from rlhf.models import tokenizer_for
@@ -30,11 +29,11 @@ from rlhf.optim import StepGuard
 from rlhf.ppo import (ADVANTAGES, Experience, filtered_sampling_warning, global_whiten_stats, iterations_of,
                       load_prompts, no_grad_passes, rollout_metrics, score_rollout, shape_scores, update, whitened)
 from rlhf.rewards import load_reward_fn
-from rlhf.roles import check_launch, episodes, load_roles, memory_report, prepare_training, reward_scale
+from rlhf.roles import (check_launch, load_roles, memory_report, prepare_training, reward_scale, rollout_rows,
+                        save_trained)
 from rlhf.recipes import PPORecipe, derived
 from rlhf.rollout import row_keys, sample
 from rlhf.runtime import make_accelerator, seed_everything
-from rlhf.saving import save_model
 from rlhf.scaffold import Scaffold, Stopwatch
 
 
@@ -48,7 +47,7 @@ def run(recipe: PPORecipe) -> Path:
     check_parents(recipe)
     model_section, ppo, generate, train = recipe.model, recipe.ppo, recipe.generate, recipe.train
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    k, episodes_per_iteration = ppo.samples_per_prompt, ppo.rollout_batch_size * ppo.samples_per_prompt
+    episodes_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt  # k responses to each prompt
     reward_fn = load_reward_fn(ppo.reward_fn) if ppo.reward_fn else None  # import problems before any model loads
 
     # --- data: prompts (and gold-scored held-out prompts for the monitor) ---------------------------------------
@@ -78,12 +77,9 @@ def run(recipe: PPORecipe) -> Path:
         scaffold.log(0, gold(0, 0.0))  # the starting policy: the baseline the monitor compares against
     # log-probs under the distribution sampled from: its temperature (greedy PPO is refused at load), no pad token
     temperature, suppress_ids = generate.temperature, (tokenizer.pad_token_id,)
-    per_rank, per_epoch = ppo.rollout_batch_size // world, len(prompts) // ppo.rollout_batch_size
 
     for it in scaffold.steps():
-        (mine,) = plan_batches(len(prompts), ppo.rollout_batch_size, per_rank, rank, world, recipe.seed,
-                               it // per_epoch, it % per_epoch)
-        rows, keys = episodes(mine, k)  # k responses per prompt, each with its own noise
+        rows, keys = rollout_rows(len(prompts), ppo, it, rank, world, recipe.seed)  # k rows per prompt
         batch, watch = [prompts[i] for i in rows], Stopwatch()
 
         # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
@@ -109,7 +105,7 @@ def run(recipe: PPORecipe) -> Path:
         # 4. rewards: -kl_coef * KL per token (kl_in: reward), the score at the last token; 5. advantages
         kl = per_token_kl(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
         rewards = kl_penalized_rewards(scores, kl, mask, kl_ctl.value if ppo.kl_in == "reward" else 0.0)
-        advantages, returns = ADVANTAGES[ppo.advantage_estimator](rewards, old_values, mask, ppo, k)
+        advantages, returns = ADVANTAGES[ppo.advantage_estimator](rewards, old_values, mask, ppo)
         if whitened(ppo):
             mean, var = global_whiten_stats(accelerator, advantages, mask)
             advantages = masked_whiten(advantages, mask, mean=mean, var=var)
@@ -136,13 +132,9 @@ def run(recipe: PPORecipe) -> Path:
     final = scaffold.close()
 
     # --- artifacts: the actor (adapter on the sft model, or full) and the critic ------------------------------------
-    info = save_model(accelerator, actor, tokenizer, folder.partial / "model", base=model_section.name_or_path)
-    extra = {"model_info": info, "kl_controller": kl_ctl.state_dict(), "reward_stats": scaffold.state["reward_stats"],
-             "rewards": {"advantage_estimator": ppo.advantage_estimator, "reward_model": ppo.reward_model,
-                         "reward_fn": ppo.reward_fn, "reward_weights": ppo.reward_weights}}
-    if critic is not None:
-        extra["critic_info"] = save_model(accelerator, critic, tokenizer, folder.partial / "critic",
-                                          base=ppo.reward_model if ppo.critic_init == "reward" else
-                                          model_section.name_or_path)
+    extra = save_trained(accelerator, folder.partial, actor, critic, tokenizer, recipe)
+    extra.update(kl_controller=kl_ctl.state_dict(), reward_stats=scaffold.state["reward_stats"],
+                 rewards={key: getattr(ppo, key) for key in ("advantage_estimator", "reward_model", "reward_fn",
+                                                             "reward_weights")})
     final["train/iterations"] = iterations
     return folder.finish(final, extra=extra, derived=derived(recipe))
