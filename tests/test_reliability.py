@@ -140,21 +140,27 @@ def test_non_finite_loss_stops_with_the_step_and_quantity(chain, tmp_path, capsy
     assert not (tmp_path / "nan").exists() and not (tmp_path / "nan.partial").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(chain, tmp_path):
-    out = tmp_path / "intr"
-    args = cli_args("sft", chain["root"], "train.max_steps=400", "train.epochs=30", "train.save_every=0",
-                    "train.log_every=1", f"output_dir={out}")
+def signal_after(args: list[str], out: Path, sig: int, lines: int) -> tuple[int, str]:
+    """Start a CLI run, send it `sig` once its metrics.jsonl has `lines` lines; (exit code, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = Path(f"{out}.partial") / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    while not (metrics.exists() and metrics.read_text().count("\n") >= lines):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(chain, tmp_path):
+    out = tmp_path / "intr"
+    args = cli_args("sft", chain["root"], "train.max_steps=400", "train.epochs=30", "train.save_every=0",
+                    "train.log_every=1", f"output_dir={out}")
+    code, err = signal_after(args, out, signal.SIGINT, 3)
+    assert code == 130, err
     assert "checkpoint saved" in err and "resume with the same command" in err
     step = int(err.split("interrupted at step ")[1].split()[0])
     assert (Path(f"{out}.partial") / "checkpoints" / f"step-{step:08d}" / "state.json").is_file()
