@@ -195,5 +195,6 @@ def run(accelerator, folder, train, seed: int, model, optimizer, scheduler, task
                 log.close()
                 raise Interrupted(f"interrupted at step {step} of {steps}; checkpoint saved in {folder.checkpoints}")
     log.close()
+    guard.check_trained()
     final["train/steps"] = steps
     return final

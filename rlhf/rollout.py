@@ -180,7 +180,11 @@ ENGINES = {"seeded": seeded_generate, "hf": hf_generate, "hf_static": partial(hf
 
 def generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, engine: str | None = None,
              keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
-    """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`)."""
+    """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`).
+    Prompts too long for the model's positions are cut from the left first (`data.fit_to_positions`)."""
+    from rlhf.data import fit_to_positions
+
+    input_ids, attention_mask = fit_to_positions(model, input_ids, attention_mask, cfg.max_new_tokens, pad_id)
     was_training = model.training
     model.eval()
     try:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data_formats.schemas import parse_prompt
 from rlhf import checkpoint
 from rlhf.artifacts import MetricsLog, RunFolder, expect_run
-from rlhf.data import encode_prompts, load_gold_prompts, load_split, plan_batches
+from rlhf.data import encode_prompts, load_gold_prompts, load_split, plan_batches, warn_long_prompts
 from rlhf.errors import Interrupted, UserError
 from rlhf.forward import response_logprobs
 from rlhf.kl_control import KL_CONTROLLERS
@@ -72,6 +72,7 @@ def run(recipe: PPORecipe) -> Path:
     # --- the four roles: actor and critic trained (train mode), reference and reward frozen -----------
     roles = load_roles(recipe, tokenizer, device)  # under LoRA the reference is the actor, adapter disabled
     actor, critic, reference, reward = roles.actor, roles.critic, roles.reference, roles.reward
+    warn_long_prompts(prompts, actor, g.max_new_tokens)
     if accelerator.is_main_process:
         print(memory_report(roles, device), file=sys.stderr)
         if warning := filtered_sampling_warning(g):
@@ -225,6 +226,7 @@ def run(recipe: PPORecipe) -> Path:
                 log.close()
                 raise Interrupted(f"interrupted at iteration {it} of {iterations}; checkpoint saved")
     log.close()
+    guard.check_trained()
 
     # --- artifacts: the actor (adapter on the sft model, or full) and the critic -----------------------
     info = save_model(accelerator, actor, tokenizer, folder.partial / "model", base=m.name_or_path)
