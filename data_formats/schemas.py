@@ -20,6 +20,7 @@ suite's `answer`/`task`). Every problem is a DataError naming `file:line` and th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from data_formats.chat import Segment, hh_messages, read_messages, user_message
@@ -230,4 +231,11 @@ def _margin(raw: Raw) -> float | None:
         return None
     if isinstance(m, bool) or not isinstance(m, (int, float)):
         raise DataError(f"expected a number, got {type(m).__name__}", raw.where, "margin")
-    return float(m)
+    try:
+        value = float(m)
+    except OverflowError:  # an integer beyond the float range
+        value = math.inf
+    if not math.isfinite(value):  # JSON NaN/Infinity: every loss with it is NaN, so every step is skipped
+        shown = repr(m) if len(repr(m)) <= 20 else f"{repr(m)[:12]}...({len(repr(m))} digits)"
+        raise DataError(f"must be a finite number, got {shown}", raw.where, "margin")
+    return value

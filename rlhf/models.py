@@ -229,7 +229,7 @@ def load_model(spec: str, key: str = "model.name_or_path", *, task: str = "causa
     """Load any model reference as a plain transformers model (adapters merged, in `dtype`).
 
     task 'causal_lm' gives AutoModelForCausalLM; 'seq_cls' gives AutoModelForSequenceClassification with
-    one label (a reward model as saved by the rm stage, or a causal LM given a new zero-initialised head).
+    one label (a reward model as saved by the rm stage, or a causal LM given a new zero-initialized head).
     `vocab`: resize embeddings to the tokenizer's length.
     """
     where, manifest = model_dir(spec, key)

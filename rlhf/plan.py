@@ -2,7 +2,7 @@
 
 The arithmetic (pure functions of numbers, all in bytes) follows what this code base actually does:
 - weights: parameters x bytes(model.dtype); 4-bit QLoRA stores linear weights at 0.5 byte (+3 % for
-  quantisation constants). LoRA parameters are float32 (peft keeps adapters in fp32).
+  quantization constants). LoRA parameters are float32 (peft keeps adapters in fp32).
 - gradients: trainable parameters x bytes of their dtype (LoRA: 4; full fine-tuning: model.dtype).
 - optimizer (AdamW): two moments per trainable parameter, in the parameter's dtype (torch's AdamW keeps
   states like the parameters; there is no separate fp32 master copy).

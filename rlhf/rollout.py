@@ -44,7 +44,7 @@ def decode_responses(tokenizer, gen: Generation) -> list[str]:
 
 
 def processes() -> int:
-    """Processes in the default torch.distributed group (1 when it is not initialised)."""
+    """Processes in the default torch.distributed group (1 when it is not initialized)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -183,7 +183,11 @@ ENGINES = {"seeded": seeded_generate, "hf": hf_generate, "hf_static": partial(hf
 
 def generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, engine: str | None = None,
              keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
-    """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`)."""
+    """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`).
+    Prompts too long for the model's positions are cut from the left first (`data.fit_to_positions`)."""
+    from rlhf.data import fit_to_positions
+
+    input_ids, attention_mask = fit_to_positions(model, input_ids, attention_mask, cfg.max_new_tokens, pad_id)
     was_training = model.training
     model.eval()
     try:

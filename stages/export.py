@@ -5,7 +5,8 @@
 3. Cast to the export dtype and compare logits again (dtype-appropriate tolerance).
 4. Save safetensors shards, tokenizer, generation config (pad != eos) and README.md (model card).
 5. Only if everything above passed and the folder is in place: push with huggingface_hub.
-A failed check stops the export (exit 2) before anything is written or pushed.
+A failed check stops the export (exit 2) before anything is written or pushed. A failed push leaves the
+finished export; the same command with `resume=true` pushes it then.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 import torch
 
 from data_formats.templates import load_template
-from rlhf.artifacts import RunFolder, check_parents, read_manifest, write_json_atomic
+from rlhf.artifacts import RunFolder, check_parents, read_manifest
 from rlhf.card import inference_template, lineage, model_card
-from rlhf.data import encode_prompts, read_prompts
+from rlhf.data import encode_prompts, fit_prompt, model_positions, read_prompts
 from rlhf.errors import UserError
+from rlhf.hub import push_run
 from rlhf.models import DTYPES, STATS_FILE, hf_model, load_model, load_tokenizer, model_dir, model_info
 from rlhf.runtime import partial_state
 from rlhf.saving import verify_model_dir
@@ -33,18 +35,20 @@ BUILTIN_PROMPTS = ["Give three tips for staying healthy.", "Reverse the list.\n\
 
 
 def forward_figures(model, tokenizer, prompts: list[list[int]], new_tokens: int, causal: bool) -> list[dict]:
-    """Per prompt: last-layer outputs (logits or scores) and greedy continuation token ids."""
+    """Per prompt: last-layer outputs (logits or scores) and greedy continuation token ids. Prompts are cut
+    from the left to leave room for the new tokens within the model's positions."""
     out = []
+    positions = model_positions(model)
     with torch.no_grad():
         for ids in prompts:
-            x = torch.tensor([ids])
+            x = torch.tensor([fit_prompt(ids, positions, new_tokens if causal else 0, tokenizer.bos_token_id)])
             logits = model(input_ids=x).logits.float()[0]
             greedy = []
             if causal:
                 gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                                      do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id)
-                greedy = gen[0, len(ids):].tolist()
+                greedy = gen[0, x.shape[1]:].tolist()
             out.append({"logits": logits, "greedy": greedy})
     return out
 
@@ -60,9 +64,11 @@ def compare(a: list[dict], b: list[dict], tol: float) -> dict:
 def run(recipe: ExportRecipe) -> Path:
     state = partial_state()
     folder = RunFolder(recipe, state.is_main_process, state.wait_for_everyone)
-    if folder.finished:
-        return folder.final
     export = recipe.export
+    if folder.finished:
+        if export.push_to_hub and state.is_main_process:
+            push_run(folder.final, export)  # a push that failed before is retried; a done one is not repeated
+        return folder.final
     check_parents(recipe)
     model_dir(recipe.source, "source")  # a missing source is a one-line error
     info = model_info(recipe.source, "source")
@@ -134,13 +140,7 @@ def run(recipe: ExportRecipe) -> Path:
 
     # --- 5: push (after the local export is complete and intact) ---------------------------------------
     if export.push_to_hub and state.is_main_process:
-        from rlhf.hub import push_folder
-
-        result = push_folder(final / "model", export.hub_repo_id, private=export.private, revision=export.revision,
-                             commit_message=export.commit_message)
-        manifest = read_manifest(final)
-        manifest["pushed"] = result
-        write_json_atomic(final / "manifest.json", manifest)
+        push_run(final, export)
     return final
 
 
@@ -148,7 +148,10 @@ def _eval_results_for(source: str) -> list[dict] | None:
     """Eval figures of this model from a sibling eval run folder (the demo layout), if there is one."""
     src = str(Path(source).resolve())
     for candidate in Path(source).resolve().parent.glob("*/manifest.json"):
-        manifest = json.loads(candidate.read_text())
+        try:
+            manifest = read_manifest(candidate.parent)
+        except UserError:  # a damaged neighbour is no reason to fail an export
+            continue
         if manifest.get("stage") != "eval":
             continue
         models = manifest.get("recipe", {}).get("eval", {}).get("models", {})

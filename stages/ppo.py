@@ -23,6 +23,7 @@ import torch
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
+from rlhf.data import warn_long_prompts
 from rlhf.models import tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
@@ -56,6 +57,7 @@ def run(recipe: PPORecipe) -> Path:
 
     # --- the roles: actor (and critic) trained, reference and reward model frozen ------------------------------
     roles = load_roles(recipe, tokenizer, device)  # under LoRA the reference is the actor, adapter disabled
+    warn_long_prompts(prompts, roles.actor, generate.max_new_tokens)  # generation cuts them from the left
     if accelerator.is_main_process:
         print("\n".join(filter(None, [memory_report(roles, device), filtered_sampling_warning(generate)])),
               file=sys.stderr)
@@ -130,6 +132,7 @@ def run(recipe: PPORecipe) -> Path:
         scaffold.log(it + 1, metrics, {"score": f"{metrics['objective/score']:.3f}",
                                        "kl": f"{metrics['objective/kl']:.3f}"})
     final = scaffold.close()
+    guard.check_trained()  # a run in which every update was skipped (non-finite) must not finish
 
     # --- artifacts: the actor (adapter on the sft model, or full) and the critic ------------------------------------
     extra = save_trained(accelerator, folder.partial, actor, critic, tokenizer, recipe)

@@ -87,12 +87,14 @@ def run(recipe: SFTRecipe) -> Path:
 
     # --- artifact: adapter (or full model) + tokenizer, and a sample table --------------------------
     info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=model_section.name_or_path)
-    if recipe.samples:
-        # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
-        records = (split.eval or split.train)[: recipe.samples]
-        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids(records, tokenizer), recipe.generate,
-                        accelerator.device, synced=True)
-        if accelerator.is_main_process:
-            write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row} for r, row in zip(records, rows)])
+    with folder.optional("the sample table (samples.md)"):  # never costs the trained model
+        if recipe.samples:
+            # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
+            records = (split.eval or split.train)[: recipe.samples]
+            rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids(records, tokenizer),
+                            recipe.generate, accelerator.device, synced=True)
+            if accelerator.is_main_process:
+                write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row}
+                                                              for r, row in zip(records, rows)])
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
                          derived=derived(recipe))

@@ -226,7 +226,7 @@ def test_forward_keeps_nothing_vocabulary_sized_for_the_backward():
         return shapes, ent
 
     shapes, ent = saved_shapes()
-    assert sorted(shapes) == [(6,)] * 3 and ent.requires_grad  # labels, log-normaliser, entropy
+    assert sorted(shapes) == [(6,)] * 3 and ent.requires_grad  # labels, log-normalizer, entropy
     shapes, ent = saved_shapes(entropy_grad=False)
     assert sorted(shapes) == [(6,)] * 2 and not ent.requires_grad
 

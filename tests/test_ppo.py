@@ -1,6 +1,6 @@
 """PPO: the roles' setup (train mode, checkpointing, dropout), logprob/value alignment, the reference at
 the start, early stopping on early_stop_kl, the over-optimization monitor, full fine-tuning and an actor-
-initialised critic, recipe refusals, the reward model's view of decoded text, multi-process generation
+initialized critic, recipe refusals, the reward model's view of decoded text, multi-process generation
 and gold evaluation, and the RNG state of checkpoints."""
 
 from __future__ import annotations

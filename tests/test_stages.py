@@ -225,7 +225,7 @@ def test_dpo_precomputed_and_live_reference_agree(chain):
     assert len(live_loss) == len(pre_loss) == 2
     assert live_loss == pytest.approx(pre_loss, abs=1e-5)
     assert (pre / "ref_logps.safetensors").is_file()
-    # with a zero-initialised adapter the policy starts at the reference: loss log 2, margin 0
+    # with a zero-initialized adapter the policy starts at the reference: loss log 2, margin 0
     assert live_loss[0] == pytest.approx(math.log(2), abs=1e-4)
     assert abs(live_loss[1] - math.log(2)) > 1e-4  # then it moves away from it
 
