@@ -328,7 +328,7 @@ def save_checkpoints(folder, steps: list[int]) -> None:
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in steps:
-        checkpoint.save(folder.checkpoints, step, acc, {"step": step, "recipe_sha256": folder._hash()},
+        checkpoint.save(folder.checkpoints, step, acc, {"step": step, "recipe_sha256": folder.recipe_hash()},
                         {"model": model}, {"model": opt}, {"model": sched}, keep=3)
 
 
