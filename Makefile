@@ -38,12 +38,15 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest tests
 
-# The tiny chain: task data -> pretrain -> sft -> rm -> ppo -> dpo -> eval -> export -> report.
+# The tiny chain: task data -> pretrain -> sft -> rm -> ppo -> grpo -> dpo -> eval -> export -> report, one
+# recipe file each in recipes/tiny/ (grpo.yaml is a recipe of the ppo stage: GRPO with the gold reward).
 # resume=true makes it re-entrant: finished stages are kept, interrupted ones continue.
+DEMO := tasks pretrain sft rm ppo grpo dpo eval export
 demo: setup
-	@for s in $(STAGES); do \
-	  echo "=== $$s ==="; \
-	  $(LAUNCH) $$s recipes/tiny/$$s.yaml resume=true $(ARGS) || exit $$?; \
+	@for r in $(DEMO); do \
+	  s=$$(sed -n 's/^stage: *//p' recipes/tiny/$$r.yaml); \
+	  echo "=== $$r ==="; \
+	  $(LAUNCH) $$s recipes/tiny/$$r.yaml resume=true $(ARGS) || exit $$?; \
 	done
 	$(PY) -m rlhf.cli report runs/tiny --out runs/tiny/report
 
