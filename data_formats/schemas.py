@@ -58,6 +58,8 @@ class PromptRecord:
     prompt: str
     meta: dict = field(default_factory=dict)
     special_tokens: bool = True
+    messages: list[dict] | None = None  # the turns `prompt` renders (None: an HH transcript used verbatim)
+    record: dict = field(default_factory=dict)  # the record as read: another model's format re-renders it
 
 
 def _text(raw: Raw, name: str, required: bool = True, empty_ok: bool = False) -> str | None:
@@ -130,7 +132,7 @@ def parse_prompt(raw: Raw, fmt) -> PromptRecord:
     if is_hh(raw):
         transcript = hh_split(raw).prompt
         if not fmt.chat:
-            return PromptRecord(raw.where, transcript, {}, fmt.special_tokens)
+            return PromptRecord(raw.where, transcript, {}, fmt.special_tokens, record=d)
         messages, name = hh_messages(transcript, raw.where, "chosen"), "chosen"
     elif "conversations" in d:
         messages, name = read_messages(d["conversations"], raw.where, "conversations", sharegpt=True), "conversations"
@@ -144,7 +146,7 @@ def parse_prompt(raw: Raw, fmt) -> PromptRecord:
     if messages[-1]["role"] != "user":
         raise DataError(f"the last turn is the {messages[-1]['role']}'s; a prompt ends with a user turn", raw.where,
                         name)
-    return PromptRecord(raw.where, fmt.prompt(messages, raw.where), meta, fmt.special_tokens)
+    return PromptRecord(raw.where, fmt.prompt(messages, raw.where), meta, fmt.special_tokens, messages, d)
 
 
 def is_hh(raw: Raw) -> bool:

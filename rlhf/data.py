@@ -319,13 +319,14 @@ def load_pairs(section, tokenizer, seed: int) -> tuple[list, list, dict]:
 
 
 def encode_prompts(records: list, tokenizer, max_prompt_len: int) -> tuple[list, dict]:
-    """Prompt records -> {'prompt_ids', 'meta', 'prompt'} (left-truncated)."""
+    """Prompt records -> {'prompt_ids', 'meta', 'prompt', 'record'} (left-truncated); 'record' is the
+    PromptRecord, whose raw record a reward model reading another format renders in its own."""
     bos = tokenizer.bos_token_id
     out, truncated = [], 0
     for rec, p in zip(records, prompt_ids(records, tokenizer)):
         p2 = _left_truncate(p, max_prompt_len, bos)
         truncated += len(p2) < len(p)
-        out.append({"prompt_ids": p2, "meta": rec.meta, "prompt": rec.prompt})
+        out.append({"prompt_ids": p2, "meta": rec.meta, "prompt": rec.prompt, "record": rec})
     return out, {"truncated": truncated}
 
 

@@ -1,7 +1,7 @@
 """`ppo` stage: PPO with actor, critic, frozen reference and frozen reward model, written out by hand.
 
 Each iteration, in the textbook order (Ouyang et al. 2022; the seeds' walk-through, 004):
-  1. rollout   the actor samples responses (truncated after the first EOS)
+  1. rollout   the actor samples responses (truncated after the first stop token: EOS, end of turn)
   2. score     the frozen reward model scores prompt+response once (normalized, EOS penalty, clipped)
   3. old pass  actor logprobs, reference logprobs and critic values per response token (no grad)
   4. rewards   r_t = -kl_coef * kl_t, plus the score at the last response token
@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+from data_formats.chat import make_format
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
 from rlhf.data import warn_long_prompts
-from rlhf.models import tokenizer_for
+from rlhf.models import stop_token_ids, tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
 from rlhf.ppo import (ADVANTAGES, Experience, filtered_sampling_warning, global_whiten_stats, iterations_of,
@@ -54,6 +55,9 @@ def run(recipe: PPORecipe) -> Path:
     # --- data: prompts (and gold-scored held-out prompts for the monitor) ---------------------------------------
     tokenizer = tokenizer_for(model_section, recipe.data.template)
     prompts, gold_prompts = load_prompts(recipe, tokenizer, folder)
+    # responses end at any stop id (EOS, the chat template's end of turn); the prompts' format, for a reward model
+    # that reads another one
+    stop_ids, fmt = stop_token_ids(tokenizer, model_section.name_or_path), make_format(recipe.data.template, tokenizer)
 
     # --- the roles: actor (and critic) trained, reference and reward model frozen ------------------------------
     roles = load_roles(recipe, tokenizer, device)  # under LoRA the reference is the actor, adapter disabled
@@ -70,11 +74,12 @@ def run(recipe: PPORecipe) -> Path:
     scaffold = Scaffold(accelerator, folder, train, iterations, "ppo", models, optimizers, schedulers,
                         {"kl_controller": kl_ctl, "monitor": monitor, "guard": guard}, unit="iteration")
     if scaffold.step == 0:  # a fresh run: the statistics that normalize scores (and the critic on their scale)
-        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, policy, prompts, tokenizer)
+        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, policy, prompts, tokenizer,
+                                                      stop_ids, fmt)
     if roles.scorer is not None:
         roles.scorer.use_stats(scaffold.state["reward_stats"])
     gold = partial(gold_check, accelerator, policy, tokenizer, gold_prompts, generate, roles.scorer, recipe.seed,
-                   monitor)
+                   monitor, stop_ids)
     if gold_prompts and scaffold.step == 0:
         scaffold.log(0, gold(0, 0.0))  # the starting policy: the baseline the monitor compares against
     # log-probs under the distribution sampled from: its temperature (greedy PPO is refused at load), no pad token
@@ -86,12 +91,13 @@ def run(recipe: PPORecipe) -> Path:
 
         # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
         with watch("time/generate_s"):
-            gen = sample(policy, batch, generate, tokenizer.eos_token_id, tokenizer.pad_token_id, device,
+            gen = sample(policy, batch, generate, stop_ids, tokenizer.pad_token_id, device,
                          row_keys(recipe.seed, it, keys, device), synced=True)
 
         # 2. score prompt+response once: the frozen reward model and/or the reward function
         with watch("time/score_s"):
-            raw_scores, sources = score_rollout(roles.scorer, reward_fn, ppo.reward_weights, gen, batch, tokenizer)
+            raw_scores, sources = score_rollout(roles.scorer, reward_fn, ppo.reward_weights, gen, batch, tokenizer,
+                                                fmt)
             scores = shape_scores(raw_scores, gen.ended, ppo.missing_eos_penalty, ppo.reward_clip)
 
         # 3. old logprobs (actor), reference logprobs, values (critic): no grad

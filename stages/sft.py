@@ -16,7 +16,7 @@ from rlhf.artifacts import RunFolder, check_parents
 from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, prompt_ids, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import count_parameters, load_trainable, tokenizer_for
+from rlhf.models import count_parameters, load_trainable, stop_token_ids, tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import SFTRecipe, derived
@@ -92,7 +92,8 @@ def run(recipe: SFTRecipe) -> Path:
             # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
             records = (split.eval or split.train)[: recipe.samples]
             rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids(records, tokenizer),
-                            recipe.generate, accelerator.device, synced=True)
+                            recipe.generate, accelerator.device, synced=True,
+                            stop_ids=stop_token_ids(tokenizer, model_section.name_or_path))
             if accelerator.is_main_process:
                 write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row}
                                                               for r, row in zip(records, rows)])

@@ -417,6 +417,7 @@ def test_check_ready_recipes(chain, capsys, stage):
         assert "reward head reads the last non-pad token" in out
     if stage == "ppo":
         assert "gold prompts: 8 with gold answers" in out
+        assert "reward model: reads the policy's token ids (the same vocabulary and format)" in out
     if stage == "pretrain":
         assert "corpus: 1200 documents" in out
     if stage == "eval":

@@ -191,5 +191,6 @@ def test_parity_prompts_are_cut_to_the_model_positions():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, max_position_embeddings=32, bos_token_id=1,
                                          eos_token_id=2, pad_token_id=0)).eval()
-    (figures,) = forward_figures(model, Tok(), [[1] + list(range(3, 40)) * 3], new_tokens=8, causal=True)
+    (figures,) = forward_figures(model, Tok(), [[1] + list(range(3, 40)) * 3], new_tokens=8, causal=True,
+                                 stop_ids=[2])
     assert figures["logits"].shape[0] == 24 and len(figures["greedy"]) <= 8

@@ -303,7 +303,7 @@ def test_the_update_scores_a_rollout_under_the_distribution_it_was_sampled_from(
     steps = []  # the engine's logits at each decoding step, (B, V) each
     hook = model.register_forward_hook(lambda module, args, out: steps.append(out.logits[:, -1].detach().clone()))
     gen = seeded_generate(model, prompts, attention, GenerateSection(max_new_tokens=12, temperature=temperature),
-                          eos_id=eos, pad_id=pad, keys=row_keys(0, 0, range(4)))
+                          stop_ids=[eos], pad_id=pad, keys=row_keys(0, 0, range(4)))
     hook.remove()
     mask = gen.response_mask.bool()
     assert len(steps) == gen.responses.shape[1] and not (gen.responses[mask] == pad).any()
