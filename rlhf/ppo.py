@@ -156,11 +156,13 @@ def whitened(ppo) -> bool:
     `ppo.whiten_advantages` says for gae, never for grpo / rloo (normalized within each prompt's group)."""
     return {"gae": ppo.whiten_advantages, "reinforce_pp": True}.get(ppo.advantage_estimator, False)
 def no_grad_passes(actor, critic, reference, sequences, attention_mask, prompt_width: int, micro: int,
-                   temperature: float, suppress_ids: tuple[int, ...], autocast) -> tuple[torch.Tensor, ...]:
+                   temperature: float, suppress_ids: tuple[int, ...], autocast,
+                   response_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Old actor logprobs, entropy and critic values, then reference logprobs (`rlhf.models.reference_model`:
     the frozen copy, or the actor with its adapter disabled), micro-batch by micro-batch, without gradients.
     Log-probs under the distribution the rollout sampled from (`temperature`, `suppress_ids` forbidden).
-    Returns (old_logprobs, ref_logprobs, values, entropy), each (B, A) float32 (values None without a critic)."""
+    Returns (old_logprobs, ref_logprobs, values, entropy), each (B, A) float32 (values None without a critic);
+    log-probs and values are 0 outside `response_mask` (B, A)."""
     old, ref, values, entropy = [], [], [], []
     rows = range(0, sequences.shape[0], micro)
     with torch.no_grad(), autocast():
@@ -177,7 +179,8 @@ def no_grad_passes(actor, critic, reference, sequences, attention_mask, prompt_w
                 s, a = sequences[i:i + micro], attention_mask[i:i + micro]
                 ref.append(response_logprobs(ref_model, s, a, prompt_width, temperature,
                                              suppress_ids=suppress_ids)[0].float())
-    return torch.cat(old), torch.cat(ref), torch.cat(values) if values else None, torch.cat(entropy)
+    values = torch.cat(values) * response_mask if values else None
+    return torch.cat(old) * response_mask, torch.cat(ref) * response_mask, values, torch.cat(entropy)
 
 
 def global_whiten_stats(accelerator, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:

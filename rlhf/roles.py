@@ -6,17 +6,19 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
 
-from rlhf.data import plan_batches
+from rlhf.data import plan_batches, warn_long_prompts
 from rlhf.errors import UserError
 from rlhf.models import (ScalarHead, count_parameters, disable_dropout, load_frozen, load_trainable, module_bytes,
                          score_head)
 from rlhf.optim import build_optimizer, build_scheduler
+from rlhf.ppo import filtered_sampling_warning
 from rlhf.rollout import generate_batches, row_keys
 from rlhf.runtime import global_sums
 from rlhf.saving import save_model
@@ -166,13 +168,25 @@ def fold_normalization(critic: ScalarHead, mean: float, std: float) -> None:
 
 def save_trained(accelerator, folder: Path, actor, critic, tokenizer, recipe) -> dict:
     """Save the actor in `folder/model` (an adapter on the starting model, or full) and the critic in
-    `folder/critic` (an adapter on its backbone's model, or full); returns their manifest entries."""
+    `folder/critic` (an adapter on its backbone's model, or full); returns their manifest entries and the
+    rewards the run trained on."""
     model_section, ppo = recipe.model, recipe.ppo
-    out = {"model_info": save_model(accelerator, actor, tokenizer, folder / "model", base=model_section.name_or_path)}
+    out = {"model_info": save_model(accelerator, actor, tokenizer, folder / "model", base=model_section.name_or_path),
+           "rewards": {key: getattr(ppo, key) for key in ("advantage_estimator", "reward_model", "reward_fn",
+                                                           "reward_weights")}}
     if critic is not None:
         base = ppo.reward_model if ppo.critic_init == "reward" else model_section.name_or_path
         out["critic_info"] = save_model(accelerator, critic, tokenizer, folder / "critic", base=base)
     return out
+
+
+def startup_notes(accelerator, roles: Roles, prompts: list[dict], generate, device) -> None:
+    """Before the first rollout: prompts too long for the actor's positions (generation cuts them from the left),
+    then, from the main process, each role's memory and a note on filtered sampling."""
+    warn_long_prompts(prompts, roles.actor, generate.max_new_tokens)
+    if accelerator.is_main_process:
+        print("\n".join(filter(None, [memory_report(roles, device), filtered_sampling_warning(generate)])),
+              file=sys.stderr)
 
 
 def memory_report(roles: Roles, device) -> str:

@@ -14,7 +14,6 @@ checkpoints in `rlhf.scaffold`.
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -24,15 +23,14 @@ from data_formats.chat import make_format
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
-from rlhf.data import warn_long_prompts
 from rlhf.models import stop_token_ids, tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
-from rlhf.ppo import (ADVANTAGES, Experience, filtered_sampling_warning, global_whiten_stats, iterations_of,
-                      load_prompts, no_grad_passes, rollout_metrics, score_rollout, shape_scores, update, whitened)
+from rlhf.ppo import (ADVANTAGES, Experience, global_whiten_stats, iterations_of, load_prompts, no_grad_passes,
+                      rollout_metrics, score_rollout, shape_scores, update, whitened)
 from rlhf.rewards import load_reward_fn
-from rlhf.roles import (check_launch, load_roles, memory_report, prepare_training, reward_scale, rollout_rows,
-                        save_trained)
+from rlhf.roles import (check_launch, load_roles, prepare_training, reward_scale, rollout_rows, save_trained,
+                        startup_notes)
 from rlhf.recipes import PPORecipe, derived
 from rlhf.rollout import row_keys, sample
 from rlhf.runtime import make_accelerator, seed_everything
@@ -61,10 +59,7 @@ def run(recipe: PPORecipe) -> Path:
 
     # --- the roles: actor (and critic) trained, reference and reward model frozen ------------------------------
     roles = load_roles(recipe, tokenizer, device)  # under LoRA the reference is the actor, adapter disabled
-    warn_long_prompts(prompts, roles.actor, generate.max_new_tokens)  # generation cuts them from the left
-    if accelerator.is_main_process:
-        print("\n".join(filter(None, [memory_report(roles, device), filtered_sampling_warning(generate)])),
-              file=sys.stderr)
+    startup_notes(accelerator, roles, prompts, generate, device)  # long prompts, memory per role
     iterations = iterations_of(len(prompts), ppo, train)
     models, optimizers, schedulers = prepare_training(accelerator, roles, ppo, train, iterations)
     actor, critic = models["actor"], models.get("critic")
@@ -101,14 +96,12 @@ def run(recipe: PPORecipe) -> Path:
             scores = shape_scores(raw_scores, gen.ended, ppo.missing_eos_penalty, ppo.reward_clip)
 
         # 3. old logprobs (actor), reference logprobs, values (critic): no grad
+        mask = gen.response_mask.float()
         with watch("time/ref_values_s"):
             old_logprobs, ref_logprobs, old_values, entropy = no_grad_passes(
                 policy, critic and accelerator.unwrap_model(critic), roles.reference, gen.sequences,
                 gen.attention_mask, gen.prompt_width, train.micro_batch_size, temperature, suppress_ids,
-                accelerator.autocast)
-        mask = gen.response_mask.float()
-        old_logprobs, ref_logprobs = old_logprobs * mask, ref_logprobs * mask
-        old_values = old_values * mask if old_values is not None else None
+                accelerator.autocast, mask)
 
         # 4. rewards: -kl_coef * KL per token (kl_in: reward), the score at the last token; 5. advantages
         kl = per_token_kl(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
@@ -130,8 +123,7 @@ def run(recipe: PPORecipe) -> Path:
         # 7. metrics, KL controller, gold monitor
         metrics = {**rollout_metrics(accelerator, exp, kl_ctl.value, episodes_per_iteration,
                                      watch.seconds["time/generate_s"]), **stats, **watch.seconds}
-        metrics["train/lr"] = schedulers["actor"].get_last_lr()[0]
-        metrics["train/nonfinite_skipped"] = guard.skipped
+        metrics.update({"train/lr": schedulers["actor"].get_last_lr()[0], "train/nonfinite_skipped": guard.skipped})
         kl_ctl.update(metrics["objective/kl"], episodes_per_iteration)
         if gold_prompts and ((it + 1) % ppo.gold_every == 0 or it + 1 == iterations):
             metrics.update(gold(it + 1, metrics["objective/kl"]))
@@ -142,8 +134,6 @@ def run(recipe: PPORecipe) -> Path:
 
     # --- artifacts: the actor (adapter on the sft model, or full) and the critic ------------------------------------
     extra = save_trained(accelerator, folder.partial, actor, critic, tokenizer, recipe)
-    extra.update(kl_controller=kl_ctl.state_dict(), reward_stats=scaffold.state["reward_stats"],
-                 rewards={key: getattr(ppo, key) for key in ("advantage_estimator", "reward_model", "reward_fn",
-                                                             "reward_weights")})
+    extra.update(kl_controller=kl_ctl.state_dict(), reward_stats=scaffold.state["reward_stats"])
     final["train/iterations"] = iterations
     return folder.finish(final, extra=extra, derived=derived(recipe))
