@@ -354,19 +354,54 @@ def collate_sft(examples: list[dict], pad_id: int, packing: bool) -> dict:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": None}
 
 
-def collate_pairs(examples: list[dict], pad_id: int) -> dict:
-    """Chosen rows then rejected rows, right-padded, for one concatenated forward: `input_ids`,
-    `attention_mask`, `labels` (the response token ids, whose logprobs DPO sums; IGNORE_INDEX on prompt and
-    pad positions) and `margin` (B,)."""
+def collate_pairs(examples: list[dict], pad_id: int, packing: bool = False) -> dict:
+    """Chosen rows then rejected rows, for one concatenated forward: `input_ids`, `attention_mask`, `labels`
+    (the response token ids, whose logprobs DPO sums; IGNORE_INDEX on prompt and pad positions) and `margin`
+    (B,). Sequence i < B is pair i's chosen, B + i its rejected.
+
+    Right-padded to the longest sequence, one per row; or with `packing`, padding-free: the 2B sequences are
+    packed into as few rows of that width as first-fit decreasing finds, position ids restarting at each
+    sequence (transformers keeps packed sequences from attending to each other) and `attention_mask` None.
+    Packed batches add `segments` (R, W): the sequence each position belongs to (-1 on padding), and `last`
+    (2B,): each sequence's last position in the flattened (R·W) batch, where a reward head reads its score.
+    """
     seqs, labels = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for e in examples:
             seqs.append(e["prompt_ids"] + e[side])
             labels.append([IGNORE_INDEX] * len(e["prompt_ids"]) + e[side])
-    input_ids = pad(seqs, pad_id)
-    return {"input_ids": input_ids, "labels": pad(labels, IGNORE_INDEX),
-            "attention_mask": pad([[1] * len(s) for s in seqs], 0),
-            "margin": torch.tensor([e["margin"] for e in examples], dtype=torch.float32)}
+    margin = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+    if not packing:
+        return {"input_ids": pad(seqs, pad_id), "labels": pad(labels, IGNORE_INDEX),
+                "attention_mask": pad([[1] * len(s) for s in seqs], 0), "position_ids": None, "margin": margin}
+    width = max(len(s) for s in seqs)
+    rows: list[list[int]] = []  # sequence indices per row, first-fit decreasing
+    room: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        r = next((r for r, free in enumerate(room) if free >= len(seqs[i])), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= len(seqs[i])
+    ids, lab, pos, seg, last = [], [], [], [], [0] * len(seqs)
+    for r, members in enumerate(rows):
+        row_ids, row_lab, row_pos, row_seg = [], [], [], []
+        for i in members:
+            last[i] = r * width + len(row_ids) + len(seqs[i]) - 1
+            row_ids += seqs[i]
+            row_lab += [IGNORE_INDEX] + labels[i][1:]  # a sequence's first token is never predicted
+            row_pos += list(range(len(seqs[i])))
+            row_seg += [i] * len(seqs[i])
+        fill = width - len(row_ids)  # trailing padding continues the last sequence's positions: nothing reads it
+        row_pos += list(range(row_pos[-1] + 1, row_pos[-1] + 1 + fill))
+        ids.append(row_ids + [pad_id] * fill)
+        lab.append(row_lab + [IGNORE_INDEX] * fill)
+        pos.append(row_pos)
+        seg.append(row_seg + [-1] * fill)
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(lab), "attention_mask": None,
+            "position_ids": torch.tensor(pos), "margin": margin, "segments": torch.tensor(seg),
+            "last": torch.tensor(last)}
 
 
 def collate_prompts(examples: list[dict], pad_id: int) -> dict:

@@ -126,6 +126,8 @@ class PreferenceData(DataSection):
                             "no response, or chosen == rejected, is dropped and counted)", gt=1)
     max_prompt_len: int = opt(256, "cut longer prompts from the left (keeping BOS and the end) to this many tokens; "
                                    "must be less than max_len", gt=0)
+    packing: bool = opt(False, "pack a micro-batch's chosen and rejected sequences into as few rows as fit, without "
+                               "padding or cross-attention (padding-free)")
 
     def validate(self) -> None:
         _check_prompt_room(self.max_prompt_len, self.max_len)

@@ -171,6 +171,26 @@ def test_packing_gives_the_same_loss_as_padding(chain):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+def test_packed_pairs_score_as_padded_ones(chain):
+    """Rewards (rm) and summed or averaged response logps (dpo) of packed pairs match the padded batch's."""
+    from rlhf.data import collate_pairs, load_pairs
+    from stages.dpo import pair_logps
+    from stages.rm import pair_rewards
+    from tests.chain import recipe
+
+    scorer = load_scorer(str(chain["rm"]))
+    pairs = load_pairs(recipe("rm", chain["root"]).data, scorer.tokenizer, 0)[0][:5]
+    padded, packed = (collate_pairs(pairs, scorer.tokenizer.pad_token_id, packing) for packing in (False, True))
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # fewer rows, no wider
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
+    policy = load_model(str(chain["pretrain"])).eval()
+    with torch.no_grad():
+        assert torch.allclose(pair_rewards(scorer.model, packed), pair_rewards(scorer.model, padded), atol=1e-5)
+        for average in (False, True):
+            for a, b in zip(pair_logps(policy, packed, average), pair_logps(policy, padded, average)):
+                assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
 def test_reward_model_learns_ignores_padding_and_reloads(chain):
     run = chain["rm"]
     m = manifest(run)
