@@ -1,6 +1,7 @@
 # Every target sets up what it needs: a venv in .venv with torch (CPU build by default) and this package.
 #   make test                     run the test suite
 #   make demo                     the whole tiny pipeline, offline, on CPU
+#   make demo-chat                the same chain on conversations with a chat template (recipes/tiny-chat)
 #   make sft RECIPE=... ARGS="train.lr=1e-4" NPROC=2
 PYTHON ?= python3
 VENV   ?= .venv
@@ -24,7 +25,7 @@ else
   LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCEL_CONFIG),--config_file $(ACCEL_CONFIG),--multi_gpu) --num_processes $(NPROC) -m rlhf.cli
 endif
 
-.PHONY: setup test demo report check plan docs $(STAGES)
+.PHONY: setup test test-matrix demo demo-chat report check plan docs $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -38,14 +39,37 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest tests
 
-# The tiny chain: task data -> pretrain -> sft -> rm -> ppo -> dpo -> eval -> export -> report.
+# the architecture matrix alone (it is part of `make test` too): check -> sft -> rm -> ppo -> dpo -> export for
+# Llama 3, Qwen2, Mistral, Gemma2, Phi-3, GPT-2 and GPT-NeoX stand-ins
+test-matrix: setup
+	$(PY) -m pytest tests/test_matrix.py
+
+# The tiny chain: task data -> pretrain -> sft -> rm -> ppo -> grpo -> dpo -> eval -> export -> report, one
+# recipe file each in recipes/tiny/ (grpo.yaml is a recipe of the ppo stage: GRPO with the gold reward).
 # resume=true makes it re-entrant: finished stages are kept, interrupted ones continue.
+DEMO := tasks pretrain sft rm ppo grpo dpo eval export
 demo: setup
-	@for s in $(STAGES); do \
-	  echo "=== $$s ==="; \
-	  $(LAUNCH) $$s recipes/tiny/$$s.yaml resume=true $(ARGS) || exit $$?; \
+	@for r in $(DEMO); do \
+	  s=$$(sed -n 's/^stage: *//p' recipes/tiny/$$r.yaml); \
+	  echo "=== $$r ==="; \
+	  $(LAUNCH) $$s recipes/tiny/$$r.yaml resume=true $(ARGS) || exit $$?; \
 	done
 	$(PY) -m rlhf.cli report runs/tiny --out runs/tiny/report
+
+# The tiny chain on conversations with the shipped ChatML: the task suite as messages, SFT with data.template chat
+# on the tiny pretrained model (runs/tiny/pretrain, shared with `make demo` and kept when it exists), rm, ppo, dpo,
+# eval, export, report. Re-entrant like `make demo`.
+CHAT_STAGES := sft rm ppo dpo eval export
+demo-chat: setup
+	@for s in tasks pretrain; do \
+	  echo "=== $$s (tiny) ==="; \
+	  $(LAUNCH) $$s recipes/tiny/$$s.yaml resume=true || exit $$?; \
+	done
+	@for s in tasks $(CHAT_STAGES); do \
+	  echo "=== $$s (tiny-chat) ==="; \
+	  $(LAUNCH) $$s recipes/tiny-chat/$$s.yaml resume=true $(ARGS) || exit $$?; \
+	done
+	$(PY) -m rlhf.cli report runs/tiny-chat --out runs/tiny-chat/report
 
 $(STAGES): setup
 	$(LAUNCH) $@ $(or $(RECIPE),recipes/tiny/$@.yaml) $(ARGS)

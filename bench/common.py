@@ -240,7 +240,7 @@ def stamp() -> tuple[float, float, float]:
 
 
 def mfu(params: int, tokens_per_s: float, peak: float) -> str:
-    """Model FLOPs utilisation with the 6·N·tokens convention (2N forward + 4N backward)."""
+    """Model FLOPs utilization with the 6·N·tokens convention (2N forward + 4N backward)."""
     if not GPU:
         return "n/a (CPU)"
     return f"{100 * 6 * params * tokens_per_s / peak:.1f}%"

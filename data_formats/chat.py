@@ -17,6 +17,7 @@ reads a template for `model.chat_template` (the shipped `chatml`, or a .jinja fi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import string
@@ -33,6 +34,9 @@ OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 # first line of a .jinja template may declare the special tokens it writes: installing it adds the missing ones
 TOKENS_DECLARATION = re.compile(r"^\{#-?\s*special tokens:([^#]*?)-?#\}")
+# a chat template made from a text template begins by declaring it (JSON in a comment): a model exported with it
+# (a reward model on the hub) can be read in that text template again, Alpaca's `input` field included
+TEXT_TEMPLATE_DECLARATION = "{#- text template: "
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,11 @@ class TextFormat:
     def __init__(self, template: Template, key: str = "data.template"):
         self.template, self.key = template, key
 
+    @property
+    def signature(self) -> tuple:
+        """What the format writes: two formats with the same signature render any record alike."""
+        return ("text", self.template.prompt_input, self.template.prompt_no_input)
+
     def prompt(self, messages: list[dict], where: str) -> str:
         self._single_turn(messages, where, with_reply=False)
         user = messages[0]
@@ -161,6 +170,11 @@ class ChatFormat:
         self.end = end_of_turn(tokenizer)  # e.g. '<|im_end|>', '<|eot_id|>'
         self.eos = self.end is None  # a template that writes no end-of-turn token: EOS ends each reply
 
+    @property
+    def signature(self) -> tuple:
+        """What the format writes: two formats with the same signature render any record alike."""
+        return ("chat", self.tokenizer.chat_template)
+
     def render(self, messages: list[dict], generation: bool, where: str) -> str:
         try:
             return self.tokenizer.apply_chat_template(_clean(messages), tokenize=False,
@@ -173,14 +187,14 @@ class ChatFormat:
 
     def reply(self, messages: list[dict], content: str, where: str) -> str:
         before, through = self._turn(messages, len(messages), {"role": "assistant", "content": content}, where)
-        return through[len(before):].rstrip()
+        return self._span(before, through)
 
     def segments(self, messages: list[dict], where: str, first_trained: int = 0) -> list[Segment]:
         """Untrained text, trained assistant turn, untrained text, ... (ending on a trained turn).
 
         For each assistant turn i: the conversation up to it rendered with the generation prompt, and up
         to and including it, are both prefixes of the whole rendering; the trained span is the text
-        between them (content + end-of-turn token, without the whitespace after it)."""
+        between them (content + end-of-turn token, without what the template writes after it)."""
         full = self.render(messages, False, where)
         out, pos = [], 0
         for i, m in enumerate(messages):
@@ -189,10 +203,18 @@ class ChatFormat:
             before, through = self._turn(messages, i, m, where)
             if not full.startswith(through) or len(before) < pos:
                 raise self._unstable(where)
-            span = through[len(before):].rstrip()
+            span = self._span(before, through)
             out += [Segment(full[pos:len(before)], False), Segment(span, True)]
             pos = len(before) + len(span)
         return out
+
+    def _span(self, before: str, through: str) -> str:
+        """The trained text of a reply: what the template writes for it, up to and including its end-of-turn
+        token; what follows (whitespace, the EOS that Phi-3's template writes after the last turn) is not the
+        model's to generate: it stops at the end of turn."""
+        span = through[len(before):].rstrip()
+        cut = span.find(self.end) if self.end else -1
+        return span[:cut + len(self.end)] if cut >= 0 else span
 
     def _turn(self, messages: list[dict], i: int, reply: dict, where: str) -> tuple[str, str]:
         before = self.render(messages[:i], True, where)
@@ -225,9 +247,10 @@ def end_of_turn(tokenizer) -> str | None:
         through = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": "A"}], tokenize=False)
     except (TemplateError, ValueError):
         return None
-    if not through.startswith(before) or not through[len(before):].startswith("A"):
+    reply = through[len(before):].lstrip()  # Mistral's template writes ' ' + content
+    if not through.startswith(before) or not reply.startswith("A"):
         return None
-    after = through[len(before) + 1:].lstrip()
+    after = reply[1:].lstrip()
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     return next((t for t in sorted(specials, key=len, reverse=True) if after.startswith(t)), None)
 
@@ -289,11 +312,22 @@ def text_chat_template(template: Template, prefix: str = "") -> str:
             parts.append("{{- messages[0]['content'] -}}")
     refuse = jinja_literal(f"this model was fine-tuned with the single-turn text template '{template.name}': send "
                            f"one user message (optionally followed by the assistant's reply), no system message")
-    return ("{%- if messages | length == 0 or messages | length > 2 or messages[0]['role'] != 'user' or "
+    declared = json.dumps({"name": template.name, "prompt_input": template.prompt_input,
+                           "prompt_no_input": template.prompt_no_input}).replace("#}", "#\\u007d")
+    return (TEXT_TEMPLATE_DECLARATION + declared + " -#}"
+            "{%- if messages | length == 0 or messages | length > 2 or messages[0]['role'] != 'user' or "
             "(messages | length == 2 and messages[1]['role'] != 'assistant') -%}"
             "{{- raise_exception(" + refuse + ") -}}{%- endif -%}"
             + prefix + "".join(parts)
             + "{%- if messages | length == 2 -%}{{- messages[1]['content'] + eos_token -}}{%- endif -%}")
+
+
+def declared_text_template(chat_template: str | None) -> Template | None:
+    """The text template a chat template made by `text_chat_template` renders (None for any other)."""
+    if not chat_template or not chat_template.startswith(TEXT_TEMPLATE_DECLARATION):
+        return None
+    fields = json.loads(chat_template[len(TEXT_TEMPLATE_DECLARATION):chat_template.index(" -#}")])
+    return Template(fields["name"], fields["prompt_input"], fields["prompt_no_input"], "")
 
 
 def install_template(tokenizer, name_or_path: str, key: str = "model.chat_template") -> None:

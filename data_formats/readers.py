@@ -1,19 +1,24 @@
 """Read raw records from JSON / JSONL / parquet files, folders of them, or `datasets` hub ids.
 
 Every record keeps where it came from (`file:line`, or `file:row N` / `hub-id[split]:row N`), so that
-validation errors can point at it.
+validation errors can point at it. A folder's files are matched by suffix whatever its case; files of
+other types are listed in a warning, and a subfolder that cannot be read is an error (not a silent gap).
+JSON that the parser rejects in any way (numbers beyond its digit limit, nesting beyond the recursion
+limit) and text that is not valid Unicode (lone surrogates such as "\\ud800") are errors naming the line.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.errors import DataError, UserError
+from rlhf.errors import DataError, UserError, warn
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
+SHOWN_UNKNOWN = 5  # file names listed in the warning about a folder's files of unknown type
 
 
 @dataclass
@@ -39,21 +44,43 @@ class Invalid:
 
 def read_records(spec: str, split: str, invalid: Invalid, key: str) -> list[Raw]:
     """All records of a data source (see module doc)."""
+    if not spec.strip():  # Path("") is the current folder: never read that by accident
+        raise UserError("is empty; give a data file, a folder of them or a hub dataset id", None, key)
     path = Path(spec).expanduser()
     if path.is_file():
         return _read_file(path, invalid)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        files = data_files(path, key)
         if not files:
             raise UserError(f"folder {spec} holds no {'/'.join(SUFFIXES)} files", None, key)
         return [r for f in files for r in _read_file(f, invalid)]
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.suffix in SUFFIXES:
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.suffix.lower() in SUFFIXES:
         raise UserError(f"data file {spec} not found", None, key)
     return _read_hub(spec, split, key)
 
 
+def data_files(folder: Path, key: str) -> list[Path]:
+    """The data files under `folder` (any depth, suffix of any case), in path order. Files of other types
+    are listed in one warning; a subfolder that cannot be read is an error."""
+    def unreadable(err: OSError):
+        raise UserError(f"cannot read folder {err.filename}: {err.strerror or err}", None, key)
+
+    found, unknown = [], []
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            (found if path.suffix.lower() in SUFFIXES else unknown).append(path)
+    if unknown:
+        names = ", ".join(str(p.relative_to(folder)) for p in unknown[:SHOWN_UNKNOWN])
+        more = f" and {len(unknown) - SHOWN_UNKNOWN} more" if len(unknown) > SHOWN_UNKNOWN else ""
+        warn(f"{key}: {folder} holds {len(unknown)} file(s) of unknown type, not read: {names}{more} "
+             f"(data files end in {'/'.join(SUFFIXES)})")
+    return sorted(found)
+
+
 def _read_file(path: Path, invalid: Invalid) -> list[Raw]:
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         return _read_parquet(path)
     try:
         blob = path.read_bytes()
@@ -80,15 +107,56 @@ def _read_jsonl(path: Path, blob: bytes, invalid: Invalid) -> list[Raw]:
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            invalid(DataError(f"invalid JSON: {err.msg} (column {err.colno})", where))
+            obj = parse_json(text, where)
+        except DataError as err:
+            invalid(err)
             continue
         if not isinstance(obj, dict):
             invalid(DataError(f"expected a JSON object, got {type(obj).__name__}", where))
             continue
         out.append(Raw(where, obj))
     return out
+
+
+def parse_json(text: str, where: str):
+    """One JSON value of a data file. Every way the parser can refuse the text (a decode error, an integer
+    beyond its digit limit, nesting beyond its depth), and strings that are not valid Unicode, are a
+    DataError at `where`."""
+    try:
+        return _checked(json.loads(text), where)
+    except (ValueError, RecursionError) as err:
+        raise _json_error(err, where) from None
+
+
+def _json_error(err: Exception, where: str) -> DataError:
+    """Every way the JSON parser can refuse a text, as one line at `where`."""
+    if isinstance(err, json.JSONDecodeError):
+        return DataError(f"invalid JSON: {err.msg} (column {err.colno})", where)
+    if isinstance(err, RecursionError):
+        return DataError("invalid JSON: nested too deeply", where)
+    # e.g. "Exceeds the limit (4300 digits) for integer string conversion: ...; use sys.set_int_max_str_digits()"
+    first = (str(err).strip().splitlines() or ["rejected by the parser"])[0].split("; use ")[0]
+    return DataError(f"invalid JSON: {first}", where)
+
+
+def _checked(obj, where: str):
+    """`obj` unless one of its strings (or keys) is not valid Unicode text: JSON escapes can produce lone
+    surrogates ("\\ud800"), which no tokenizer can encode."""
+    stack = [(obj, None)]
+    while stack:
+        value, field = stack.pop()
+        if isinstance(value, dict):
+            stack += [(k, field or k) for k in value if isinstance(k, str)]
+            stack += [(v, field or k) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, field) for v in value]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise DataError(f"holds a lone surrogate {value[err.start]!r}: not valid Unicode text", where,
+                                field if isinstance(field, str) else None) from None
+    return obj
 
 
 def _read_json_array(path: Path, blob: bytes, invalid: Invalid) -> list[Raw]:
@@ -111,6 +179,9 @@ def _read_json_array(path: Path, blob: bytes, invalid: Invalid) -> list[Raw]:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as err:
             raise DataError(f"invalid JSON: {err.msg}", f"{path}:{err.lineno}") from None
+        except (ValueError, RecursionError) as err:
+            raise _json_error(err, where) from None
+        obj = _checked(obj, where)
         if isinstance(obj, dict):
             out.append(Raw(where, obj))
         else:

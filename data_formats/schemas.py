@@ -20,6 +20,7 @@ suite's `answer`/`task`). Every problem is a DataError naming `file:line` and th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from data_formats.chat import Segment, hh_messages, read_messages, user_message
@@ -57,6 +58,8 @@ class PromptRecord:
     prompt: str
     meta: dict = field(default_factory=dict)
     special_tokens: bool = True
+    messages: list[dict] | None = None  # the turns `prompt` renders (None: an HH transcript used verbatim)
+    record: dict = field(default_factory=dict)  # the record as read: another model's format re-renders it
 
 
 def _text(raw: Raw, name: str, required: bool = True, empty_ok: bool = False) -> str | None:
@@ -129,7 +132,7 @@ def parse_prompt(raw: Raw, fmt) -> PromptRecord:
     if is_hh(raw):
         transcript = hh_split(raw).prompt
         if not fmt.chat:
-            return PromptRecord(raw.where, transcript, {}, fmt.special_tokens)
+            return PromptRecord(raw.where, transcript, {}, fmt.special_tokens, record=d)
         messages, name = hh_messages(transcript, raw.where, "chosen"), "chosen"
     elif "conversations" in d:
         messages, name = read_messages(d["conversations"], raw.where, "conversations", sharegpt=True), "conversations"
@@ -143,7 +146,7 @@ def parse_prompt(raw: Raw, fmt) -> PromptRecord:
     if messages[-1]["role"] != "user":
         raise DataError(f"the last turn is the {messages[-1]['role']}'s; a prompt ends with a user turn", raw.where,
                         name)
-    return PromptRecord(raw.where, fmt.prompt(messages, raw.where), meta, fmt.special_tokens)
+    return PromptRecord(raw.where, fmt.prompt(messages, raw.where), meta, fmt.special_tokens, messages, d)
 
 
 def is_hh(raw: Raw) -> bool:
@@ -230,4 +233,11 @@ def _margin(raw: Raw) -> float | None:
         return None
     if isinstance(m, bool) or not isinstance(m, (int, float)):
         raise DataError(f"expected a number, got {type(m).__name__}", raw.where, "margin")
-    return float(m)
+    try:
+        value = float(m)
+    except OverflowError:  # an integer beyond the float range
+        value = math.inf
+    if not math.isfinite(value):  # JSON NaN/Infinity: every loss with it is NaN, so every step is skipped
+        shown = repr(m) if len(repr(m)) <= 20 else f"{repr(m)[:12]}...({len(repr(m))} digits)"
+        raise DataError(f"must be a finite number, got {shown}", raw.where, "margin")
+    return value

@@ -51,6 +51,10 @@ def load_template(name_or_path: str, key: str = "data.template") -> Template:
         raise UserError(f"invalid JSON: {err.msg}", f"{path}:{err.lineno}") from None
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", str(path)) from None
+    except (ValueError, RecursionError):  # the parser's digit limit, or nesting beyond the recursion limit
+        raise UserError("invalid JSON: a number too long or nesting too deep for the parser", str(path)) from None
+    except OSError as err:  # permissions, a broken network mount
+        raise UserError(f"cannot read: {err.strerror or err}", str(path)) from None
     if not isinstance(data, dict):
         raise UserError(f"expected a JSON object with prompt_input and prompt_no_input, got {type(data).__name__}",
                         str(path))

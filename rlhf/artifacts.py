@@ -10,11 +10,19 @@ Layout of a finished run folder:
     metrics.jsonl    one JSON object per logged step, flat `group/name` keys
     tb/<project>/    TensorBoard event files (`train.report_to`, see rlhf.tracking)
     model/           HF-loadable model or peft adapter, with the tokenizer
+
+What a run never does: replace a folder that is not a finished run of this pipeline, write over, into or
+around one of its own inputs, write through a symbolic link planted in its `.partial`, share `.partial`
+with another live run (an flock'ed `.lock`), or resume from a checkpoint that is not complete or whose
+inputs have changed since.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -30,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import dump_yaml, recipe_hash, to_dict
-from rlhf.errors import UserError
-from rlhf.recipes import PARENT_STAGES
+from rlhf.errors import UserError, describe, warn
+from rlhf.recipes import PARENT_STAGES, RECIPES, input_paths
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+COMPLETE = "complete.json"  # written last into a checkpoint: every file with its size
+INPUTS = "inputs.json"  # in checkpoints/: the input hashes the checkpoints were trained on
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors",
             "huggingface_hub", "trl", "numpy")
 
@@ -73,10 +83,19 @@ def hash_input(path_or_id: str) -> dict:
     return {"hub_id": path_or_id, "kind": "hub"}
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` through a new temp file and a rename: never half-written, and never written through a
+    symbolic link (a link at `path` is replaced, not followed)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    tmp.unlink(missing_ok=True)  # a leftover of a killed write, or a planted link: removed, never followed
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:
@@ -84,7 +103,7 @@ def _json_default(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 def package_versions() -> dict:
@@ -112,24 +131,25 @@ def git_commit() -> dict | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_manifest(run_dir: str | Path) -> dict | None:
+    """The manifest of a run folder (None when there is none); a broken one is a one-line error."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"broken manifest ({err.msg})", f"{path}:{err.lineno}") from None
+    except (ValueError, RecursionError, OSError) as err:  # not UTF-8, absurd numbers or nesting, unreadable
+        raise UserError(f"broken manifest ({describe(err)})", str(path)) from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"broken manifest (a JSON {type(manifest).__name__}, not an object)", str(path))
+    return manifest
+
+
+def is_run_manifest(manifest: dict) -> bool:
+    """Whether a manifest was written by a stage of this pipeline (and not by some other tool)."""
+    return manifest.get("stage") in RECIPES and isinstance(manifest.get("recipe_sha256"), str)
 
 
 def expect_run(path: str, stages: set[str], key: str) -> dict | None:
@@ -169,9 +189,12 @@ class MetricsLog:
             return
         if resume_offset is not None and self.path.exists():
             # drop lines logged after the checkpoint we resume from: they will be logged again
-            with open(self.path, "r+b") as f:
-                f.truncate(resume_offset)
-        elif resume_offset is None and self.path.exists():
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                os.ftruncate(fd, resume_offset)
+            finally:
+                os.close(fd)
+        elif resume_offset is None and (self.path.exists() or self.path.is_symlink()):
             self.path.unlink()
 
     def offset(self) -> int:
@@ -182,7 +205,8 @@ class MetricsLog:
         self.last.update({k: v for k, v in clean.items() if v is not None})
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
 
 
@@ -195,18 +219,65 @@ def _finite_or_none(v: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# checkpoints: complete or not
+
+
+def mark_complete(folder: Path) -> None:
+    """Mark a checkpoint folder complete: `complete.json`, written last, lists every file with its size."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    write_json_atomic(folder / COMPLETE, {"files": files})
+
+
+def incomplete_reason(folder: Path) -> str | None:
+    """Why a checkpoint folder is not as `mark_complete` recorded it (truncated, half-deleted, never
+    finished); None when it is complete."""
+    try:
+        files = json.loads((folder / COMPLETE).read_text())["files"]
+        listed = [(str(name), int(size)) for name, size in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"no readable {COMPLETE}"
+    for name, size in listed:
+        try:
+            actual = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} of its {size} bytes"
+    return None
+
+
+def newest_complete(checkpoints: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete `step-*` checkpoint, and the newer incomplete ones passed over (with why)."""
+    if not checkpoints.is_dir():
+        return None, []
+    skipped = []
+    for path in sorted((p for p in checkpoints.iterdir() if p.name.startswith("step-")), reverse=True):
+        reason = incomplete_reason(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+# ---------------------------------------------------------------------------------------------
 # the run folder
+
+_HELD: dict[str, int] = {}  # lock file -> descriptor, for the `.partial` folders this process holds
 
 
 class RunFolder:
     """Owns `<output_dir>.partial/` during a stage and moves it to `<output_dir>` when complete.
 
     Policy (recipe keys `resume`, `overwrite`):
-      - `output_dir` exists (a finished run): refuse unless `overwrite=true` (replaced only at the very
-        end, so the old run survives a failed new one) or `resume=true` (then `finished` is True and
-        the stage returns the existing run untouched).
-      - `.partial` holds a checkpoint: resume from it when `resume` is null or true; `resume=false`
-        discards it.
+      - `output_dir` holds a finished run: refuse unless `overwrite=true` (replaced only at the very end,
+        so the old run survives a failed new one) or `resume=true` (then `finished` is True and the stage
+        returns the existing run untouched). Any other non-empty folder is refused, overwrite or not.
+      - `output_dir` (or its `.partial`) may not be, hold, or sit inside an input the recipe names.
+      - `.partial` holds a complete checkpoint: resume from it when `resume` is null or true (after checking
+        that it holds no symbolic link and, in `input`, that no input changed); `resume=false` discards it.
+      - `.partial` holds a run that finished but was killed before the final rename: it is moved into place.
+    Only the main process changes anything, under an flock'ed `.partial/.lock`, which the kernel releases
+    when the process dies (a stale lock cannot outlive its process, whatever happens to its pid).
     """
 
     def __init__(self, recipe, is_main: bool = True, wait=None):
@@ -217,77 +288,221 @@ class RunFolder:
         self.checkpoints = self.partial / "checkpoints"
         self.is_main = is_main
         self.started = time.time()
-        self.finished = False
         self.resolved = to_dict(recipe)
         self.inputs: dict[str, dict] = {}
         self.counts: dict[str, Any] = {}
         self._wait = wait or (lambda: None)
+        self._warned: set[Path] = set()
+        self._saved_inputs: dict | None = None
 
-        if (self.final / MANIFEST).is_file():
-            old = read_manifest(self.final) or {}
-            if recipe.resume and not recipe.overwrite:
-                if old.get("recipe_sha256") != self.recipe_hash() or old.get("stage") != self.stage:
+        self._check_places()
+        decision = self._decide()  # every process looks before the main one changes anything
+        self._wait()
+        if self.is_main:
+            self._settle(decision)
+        self._wait()
+        self.finished = decision in ("finished", "pending")
+        self.resuming = decision == "resume"
+
+    # --- deciding ------------------------------------------------------------------------------
+
+    def _check_places(self) -> None:
+        """output_dir is a folder name, not the working folder, not a file, and no input of the recipe."""
+        out = str(self.recipe.output_dir)
+        if not out.strip():
+            raise UserError("is empty; name the folder the run writes", None, "output_dir")
+        final = Path(os.path.abspath(self.final))
+        if final == Path.cwd() or final in Path.cwd().parents:
+            raise UserError(f"{out} is the current folder or contains it; a run replaces its output folder, so "
+                            f"name a new folder", None, "output_dir")
+        if self.final.exists() and not self.final.is_dir():
+            raise UserError(f"{out} is a file, not a folder", None, "output_dir")
+        if self.partial.is_symlink() or (self.partial.exists() and not self.partial.is_dir()):
+            raise UserError(f"{self.partial} is a symbolic link or a file, not a run's working folder; remove it",
+                            None, "output_dir")
+        for key, value in input_paths(self.recipe):
+            self._check_input(key, value)
+
+    def _check_input(self, key: str, value: str) -> None:
+        """Refuse an output folder (or its `.partial`) that is, holds or sits inside the input `value`."""
+        path = Path(value).expanduser()
+        if not value.strip() or not path.exists():
+            return  # a hub id, a template name or a missing file (the stage reports that): nothing to harm
+        source = Path(os.path.realpath(path))
+        for out in (self.final, self.partial):
+            target = Path(os.path.realpath(out))
+            if source == target or target in source.parents:
+                raise UserError(f"{value} ({key}) is {'' if source == target else 'inside '}the output folder "
+                                f"{out}; the run would replace its own input", None, "output_dir")
+            if source in target.parents:
+                raise UserError(f"{out} is inside {value} ({key}); the run would write into its own input",
+                                None, "output_dir")
+
+    def _decide(self) -> str:
+        """'finished' (keep the finished run), 'pending' (a finished `.partial` to move into place),
+        'resume' (from the newest complete checkpoint) or 'fresh'. Reads only; raises what the policy refuses."""
+        r = self.recipe
+        manifest = self._finished_manifest()
+        if manifest is not None:
+            if r.resume and not r.overwrite:
+                if manifest.get("recipe_sha256") != self.recipe_hash() or manifest.get("stage") != self.stage:
                     raise UserError("holds a finished run made from a different recipe; use overwrite=true "
                                     "or another output_dir", str(self.final), "output_dir")
-                self.finished = True
-                return
-            if not recipe.overwrite:
+                return "finished"
+            if not r.overwrite:
                 raise UserError("holds a finished run; pass overwrite=true to replace it or resume=true to "
                                 "keep it", str(self.final), "output_dir")
-        elif self.final.exists() and any(self.final.iterdir()) and not recipe.overwrite:
-            raise UserError("exists and is not a run folder; choose an empty or new output_dir",
-                            str(self.final), "output_dir")
+        if r.resume is False or not self.partial.is_dir():
+            return "fresh"
+        if self._pending():
+            return "pending"
+        return "resume" if self.latest_checkpoint() is not None else "fresh"
 
-        has_checkpoint = self.latest_checkpoint() is not None
-        self.resuming = has_checkpoint and recipe.resume is not False
-        if recipe.resume and not has_checkpoint and self.is_main:
-            print(f"resume=true: no checkpoint in {self.partial}; starting from the beginning", file=sys.stderr)
-        if self.is_main:
-            self._check_lock()
-            if self.partial.exists() and not self.resuming:
-                shutil.rmtree(self.partial)
-            self.partial.mkdir(parents=True, exist_ok=True)
-            (self.partial / LOCK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-        self._wait()
+    def _finished_manifest(self) -> dict | None:
+        """The manifest of the finished run at output_dir; None for a missing or empty folder; an error for
+        any other folder (overwrite=true replaces only a finished run of this pipeline)."""
+        if not self.final.exists():
+            return None
+        manifest = read_manifest(self.final)
+        if manifest is None:
+            if any(self.final.iterdir()):
+                raise UserError(f"{self.final} exists and is not a finished run of this pipeline (no "
+                                f"{MANIFEST}); overwrite=true replaces only such a run: choose an empty or new "
+                                f"output_dir", None, "output_dir")
+            return None
+        if not is_run_manifest(manifest):
+            raise UserError(f"{self.final} holds a {MANIFEST} that no stage of this pipeline wrote; "
+                            f"overwrite=true replaces only a finished run: choose an empty or new output_dir",
+                            None, "output_dir")
+        return manifest
 
-    def _check_lock(self) -> None:
-        """Refuse to share `.partial` with a live run of this host (a stale lock of a killed run is fine)."""
-        lock = self.partial / LOCK
-        if not lock.is_file():
+    def _pending(self) -> bool:
+        """`.partial` holds this recipe's finished run (its manifest is written last, so it is complete)."""
+        try:
+            manifest = read_manifest(self.partial)
+        except UserError:
+            return False
+        return (manifest is not None and is_run_manifest(manifest) and manifest["stage"] == self.stage
+                and manifest["recipe_sha256"] == self.recipe_hash())
+
+    # --- acting (main process) ---------------------------------------------------------------
+
+    def _settle(self, decision: str) -> None:
+        if decision == "finished":
             return
         try:
-            host, pid = lock.read_text().split()
-            alive = host == socket.gethostname() and int(pid) != os.getpid() and _pid_alive(int(pid))
-        except (ValueError, OSError):
-            alive = False
-        if alive:
-            raise UserError(f"another run (pid {pid}) is writing {self.partial}; wait for it or choose another "
-                            f"output_dir", None, "output_dir")
+            self.partial.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a read-only parent, a file in the way
+            raise UserError(f"cannot create {self.partial}: {err.strerror or err}", None, "output_dir") from None
+        self._lock()
+        try:
+            if self._decide() != decision:
+                raise UserError(f"another run changed {self.final} while this one started; run the command again",
+                                None, "output_dir")
+            if decision in ("resume", "pending"):
+                self._refuse_links()
+            if decision == "pending":
+                print(f"{self.partial} holds this recipe's finished run, killed before it was moved into place; "
+                      f"moving it", file=sys.stderr)
+                self._move_into_place()
+            elif decision == "fresh":
+                if self.recipe.resume:
+                    print(f"resume=true: no checkpoint in {self.partial}; starting from the beginning",
+                          file=sys.stderr)
+                self._clear()
+        except BaseException:
+            self._release()
+            raise
+
+    def _lock(self) -> None:
+        """Hold `.partial/.lock` with flock: taken atomically by one process; released by the kernel when
+        it exits, however it exits (so no stale lock, and no PID that a new process may have reused)."""
+        path = self.partial / LOCK
+        key = os.path.abspath(path)
+        if key in _HELD:
+            return  # an earlier RunFolder of this process holds it (a re-run in the same interpreter)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot create {path}: {err.strerror or err}", None, "output_dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 256).decode(errors="replace").split()
+            os.close(fd)
+            who = f" (pid {holder[1]} on {holder[0]})" if len(holder) >= 2 else ""
+            raise UserError(f"another run{who} is writing {self.partial}; wait for it or choose another "
+                            f"output_dir", None, "output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        _HELD[key] = fd
+
+    def _release(self) -> None:
+        _release(self.partial)
+
+    def _refuse_links(self) -> None:
+        """A run folder never holds symbolic links; resuming would write through one (metrics, checkpoints)."""
+        for root, dirs, files in os.walk(self.partial):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    raise UserError(f"{path} is a symbolic link: a run folder never holds one, and resuming would "
+                                    f"write through it; remove it, or pass resume=false to start over", None,
+                                    "output_dir")
+
+    def _clear(self) -> None:
+        """Empty `.partial` for a fresh start (the lock stays; links are removed, never followed)."""
+        for entry in self.partial.iterdir():
+            if entry.name != LOCK:
+                _remove(entry)
+
+    def _move_into_place(self) -> None:
+        """`.partial` (with its manifest) -> `output_dir`. A kill at any point leaves either a `.partial`
+        that the next start moves into place, or the finished run (plus at most a hidden `.old-*` folder
+        that the next finish removes); never a half-deleted checkpoint that looks complete."""
+        trash = self.partial / ".trash"
+        if self.checkpoints.exists():
+            _remove(trash)
+            os.replace(self.checkpoints, trash)  # one rename: checkpoints are there entirely or not at all
+        _remove(trash)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+        if self.final.exists() or self.final.is_symlink():
+            _remove(old)
+            os.replace(self.final, old)
+        os.replace(self.partial, self.final)
+        (self.final / LOCK).unlink(missing_ok=True)
+        self._release()
+        for leftover in self.final.parent.glob(f".{glob.escape(self.final.name)}.old-*"):
+            _remove(leftover)
+
+    @staticmethod
+    def discard_failed(recipe) -> None:
+        """After an error: if this process holds `.partial`, remove it unless it holds a complete checkpoint
+        to resume from or a finished run to move into place; release it either way."""
+        final = Path(recipe.output_dir)
+        partial = final.parent / (final.name + ".partial")
+        if os.path.abspath(partial / LOCK) not in _HELD:
+            return  # not created by this process (another run's, or we failed before taking it): leave it
+        keep = newest_complete(partial / "checkpoints")[0] is not None or (partial / MANIFEST).is_file()
+        _release(partial)
+        if not keep:
+            shutil.rmtree(partial, ignore_errors=True)
 
     def recipe_hash(self) -> str:
         """sha256 of the resolved recipe without `resume`/`overwrite` (what the run's results depend on)."""
         return recipe_hash({k: v for k, v in self.resolved.items() if k not in ("resume", "overwrite")})
 
-    @staticmethod
-    def discard_failed(recipe) -> None:
-        """After an error: remove `.partial` unless it holds a checkpoint worth resuming from."""
-        partial = Path(recipe.output_dir).parent / (Path(recipe.output_dir).name + ".partial")
-        ckpts = partial / "checkpoints"
-        try:
-            ours = (partial / LOCK).read_text().split() == [socket.gethostname(), str(os.getpid())]
-        except OSError:
-            ours = False  # not created by this process: leave it alone
-        if ours and not (ckpts.is_dir() and any(ckpts.glob("step-*/state.json"))):
-            shutil.rmtree(partial, ignore_errors=True)
-
     # --- checkpoints -------------------------------------------------------------------------
 
     def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoints.is_dir():
-            return None
-        done = sorted(p for p in self.checkpoints.iterdir() if p.name.startswith("step-") and
-                      (p / "state.json").is_file())
-        return done[-1] if done else None
+        """The newest complete checkpoint; a newer incomplete one is passed over with a one-line warning."""
+        newest, skipped = newest_complete(self.checkpoints)
+        for path, reason in skipped:
+            if self.is_main and path not in self._warned:
+                self._warned.add(path)
+                warn(f"checkpoint {path} is incomplete ({reason}); using an older one")
+        return newest
 
     def check_resume_recipe(self, saved_sha: str) -> None:
         if saved_sha != self.recipe_hash():
@@ -297,14 +512,44 @@ class RunFolder:
     # --- finishing ---------------------------------------------------------------------------
 
     def input(self, name: str, path_or_id: str | None) -> None:
-        """Record an input (data file, parent run, hub id) by hash in the manifest; None is skipped."""
-        if self.is_main and path_or_id:
-            self.inputs[name] = hash_input(path_or_id)
+        """Record an input (data file, parent run, hub id) by hash in the manifest (None is skipped). When
+        resuming, an input whose content changed since the checkpoints were written is an error naming it."""
+        if not self.is_main or not path_or_id:
+            return
+        record = hash_input(path_or_id)
+        if self.resuming:
+            if self._saved_inputs is None:
+                try:
+                    self._saved_inputs = json.loads((self.checkpoints / INPUTS).read_text())
+                except (OSError, ValueError):
+                    self._saved_inputs = {}  # checkpoints of an older version: nothing to compare
+            before = self._saved_inputs.get(name)
+            if before is not None and _identity(before) != _identity(record):
+                raise UserError(f"{path_or_id} changed since the checkpoints in {self.partial} were written "
+                                f"({_identity(before)[1][:12]} -> {_identity(record)[1][:12]}); resuming would "
+                                f"train on two different inputs: restore it, or pass resume=false to start over",
+                                None, name)
+        self.inputs[name] = record
+        if not self.resuming:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.checkpoints / INPUTS, self.inputs)
+
+    @contextlib.contextmanager
+    def optional(self, what: str):
+        """A part of the artifact that must never cost the trained model (e.g. a sample table): an error in
+        it is one warning line and the run finishes without it (RLHF_DEBUG=1 raises it instead)."""
+        try:
+            yield
+        except Exception as err:
+            if os.environ.get("RLHF_DEBUG"):
+                raise
+            if self.is_main:
+                warn(f"{what} failed ({describe(err)}); the run finishes without it")
 
     def finish(self, metrics: dict, extra: dict | None = None, derived: dict | None = None) -> Path:
         """Write recipe.yaml + manifest.json, drop checkpoints and move `.partial` into place."""
         if self.is_main:
-            (self.partial / "recipe.yaml").write_text(dump_yaml(self.resolved))
+            write_text_atomic(self.partial / "recipe.yaml", dump_yaml(self.resolved))
             manifest = {
                 "stage": self.stage,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -322,17 +567,27 @@ class RunFolder:
             }
             if (self.partial / "model").is_dir():
                 manifest["model_sha256"] = sha256_tree(self.partial / "model")
+            # written last: from here the run is finished, and a kill leaves a `.partial` the next start moves
             write_json_atomic(self.partial / MANIFEST, manifest)
-            if self.checkpoints.exists():
-                shutil.rmtree(self.checkpoints)
-            (self.partial / LOCK).unlink(missing_ok=True)
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            old = None
-            if self.final.exists():
-                old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-                os.replace(self.final, old)
-            os.replace(self.partial, self.final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            self._move_into_place()
         self._wait()
         return self.final
+
+
+def _identity(record: dict) -> tuple[str, str]:
+    """What makes an input the same input: its kind and content hash (or hub id); not where it lies."""
+    return str(record.get("kind")), str(record.get("sha256") or record.get("hub_id"))
+
+
+def _release(partial: Path) -> None:
+    fd = _HELD.pop(os.path.abspath(partial / LOCK), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder (a link is removed, never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -49,7 +49,20 @@ def inference_template(chain: list[dict]) -> str | None:
     return None
 
 
-def model_card(chain: list[dict], export: dict, parity: dict, eval_results: list[dict] | None) -> str:
+def chat_usage(tokenizer, stop_ids: list[int]) -> dict | None:
+    """How to prompt a causal model, for its card: a one-turn prompt as the tokenizer's chat template renders it
+    (the format the model was trained with, see `data_formats.chat.install_chat_template`) and its stop tokens;
+    None without a chat template."""
+    if not tokenizer.chat_template:
+        return None
+    example = tokenizer.apply_chat_template([{"role": "user", "content": "<instruction>"}], tokenize=False,
+                                            add_generation_prompt=True)
+    return {"example": example, "stop_tokens": tokenizer.convert_ids_to_tokens(list(stop_ids))}
+
+
+def model_card(chain: list[dict], export: dict, parity: dict, eval_results: list[dict] | None,
+               usage: dict | None = None) -> str:
+    """The README.md of an exported model; `usage`: `chat_usage` of its tokenizer (causal models)."""
     base = chain[-1]
     base_name = base["path"] if base.get("stage") is None else f"{base['path']} (trained from scratch by `pretrain`)"
     datasets = sorted({v.get("path") or v.get("hub_id") for e in chain for k, v in e.get("inputs", {}).items()
@@ -80,6 +93,13 @@ def model_card(chain: list[dict], export: dict, parity: dict, eval_results: list
     if template:
         lines += ["", "## Prompt template", "", "Use the template the model was fine-tuned with:", "", "```",
                   template + "<response>", "```"]
+    elif usage:  # data.template: chat (or a base model's own template)
+        lines += ["", "## Prompt format", "", "The tokenizer's chat template renders the conversations the model was "
+                  "trained with: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`. One user "
+                  "turn:", "", "```", usage["example"] + "<response>", "```"]
+    if usage:
+        stops = ", ".join(f"`{t}`" for t in usage["stop_tokens"])
+        lines += ["", f"Generation stops at any of {stops} (`generation_config.eos_token_id`)."]
     lines += ["", "## Intended use", "", export["intended_use"], ""]
     return "\n".join(lines)
 

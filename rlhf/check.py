@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import sys
 
+from data_formats.chat import CHAT, make_format
 from data_formats.schemas import parse_alpaca, parse_preference, parse_prompt
 from data_formats.tasks import has_gold
-from rlhf.artifacts import check_parents
+from rlhf.artifacts import check_parents, expect_run
 from rlhf.data import (IGNORE_INDEX, collate_pairs, encode_preferences, encode_prompts, encode_sft, length_stats,
                        load_gold_prompts, load_split, read_corpus, read_prompts)
 from rlhf.errors import UserError
 from rlhf.losses import last_token_index
 from rlhf.models import load_tokenizer, model_dir, stop_token_ids, tokenizer_for
-from rlhf.recipes import load_recipe
+from rlhf.recipes import REWARD_RUNS, load_recipe
 from rlhf.rewards import check_records, load_reward_fn
 from rlhf.tracking import check_installed
+from rlhf.roles import check_reward_stats
+from rlhf.scoring import describe_format, reads_ids, reward_format
 
 
 class Style:
@@ -155,6 +158,22 @@ def check_prompts(recipe, tokenizer) -> None:
     _show([p["prompt"] for p in prompts])
 
 
+def check_reward_model(recipe, tokenizer) -> None:
+    """The reward model's statistics (`ppo.reward_stats: rm_data`) and how it will read the rollouts: their token
+    ids, or the text rendered again in its own format."""
+    spec, key = recipe.ppo.reward_model, "ppo.reward_model"
+    model_dir(spec, key)
+    check_reward_stats(recipe.ppo)
+    rm_tokenizer = load_tokenizer(spec, key)
+    rm_format = reward_format(expect_run(spec, set(REWARD_RUNS), key), rm_tokenizer, key)
+    fmt = make_format(recipe.data.template, tokenizer)
+    if reads_ids(rm_tokenizer, rm_format, tokenizer, fmt):
+        print("reward model: reads the policy's token ids (the same vocabulary and format)")
+    else:
+        print(f"reward model: scores through text, each prompt rendered in {describe_format(rm_format)} and the "
+              f"decoded response followed by its own end token where it ended")
+
+
 def check_gold(recipe, tokenizer) -> None:
     """The over-optimization monitor's prompts, read as the ppo stage reads them."""
     ppo = recipe.ppo
@@ -197,12 +216,14 @@ def check_eval(recipe) -> None:
 def check_export(recipe) -> None:
     export = recipe.export
     model_dir(recipe.source, "source")
-    _print_tokenizer(load_tokenizer(recipe.source, "source", trust_remote_code=export.trust_remote_code,
-                                    pad_key="source"))
+    tokenizer = load_tokenizer(recipe.source, "source", trust_remote_code=export.trust_remote_code, pad_key="source")
+    _print_tokenizer(tokenizer)
     if not export.parity_prompts:
         print("parity prompts: built-in")
         return
-    records = read_prompts(export.parity_prompts, "export.parity_prompts", recipe.seed)
+    template = CHAT if tokenizer.chat_template else "alpaca"  # as the export stage renders them
+    records = read_prompts(export.parity_prompts, "export.parity_prompts", recipe.seed, template,
+                           "export.parity_prompts", tokenizer=tokenizer)
     print(f"parity prompts: {len(records)} (the first {min(export.parity_count, len(records))} are used)")
     _show([r.prompt for r in records])
 
@@ -239,7 +260,7 @@ def main(argv: list[str]) -> int:
             check_pairs(recipe, tokenizer, style, reward_head=stage == "rm")
         else:
             if recipe.ppo.reward_model:
-                model_dir(recipe.ppo.reward_model, "ppo.reward_model")
+                check_reward_model(recipe, tokenizer)
             check_prompts(recipe, tokenizer)
             check_gold(recipe, tokenizer)
     elif stage == "pretrain":

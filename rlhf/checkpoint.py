@@ -1,9 +1,10 @@
 """Resumable checkpoints: trainable weights, optimizers, schedulers, RNG states and loop state.
 
-A checkpoint is written to `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when
-complete, so a kill during a save leaves the previous checkpoint intact. Weights are safetensors;
-optimizer and scheduler states are loaded with `torch.load(weights_only=True)`; RNG states are JSON
-and safetensors (no pickle anywhere).
+A checkpoint is written to `checkpoints/.tmp-step-N/`, sealed with `complete.json` (every file and its
+size, written last) and renamed to `checkpoints/step-N/`, so a kill during a save leaves the previous
+checkpoint intact, and a checkpoint truncated or half-deleted later is recognized as incomplete
+(`artifacts.newest_complete` passes over it). Weights are safetensors; optimizer and scheduler states
+are loaded with `torch.load(weights_only=True)`; RNG states are JSON and safetensors (no pickle anywhere).
 
 Under FSDP or DeepSpeed the sharded model and optimizer states are saved by `accelerator.save_state`,
 the rest as here. Every process writes its own RNG state into the checkpoint folder, so a multi-node
@@ -23,7 +24,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
-from rlhf.artifacts import write_json_atomic
+from rlhf.artifacts import mark_complete, write_json_atomic
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -84,9 +85,10 @@ def save(folder: Path, step: int, accelerator, state: dict, modules: dict, optim
     if accelerator.is_main_process:
         for name, sched in schedulers.items():
             torch.save(sched.state_dict(), tmp / f"{name}.scheduler.pt")
-        write_json_atomic(tmp / "state.json", state)  # last file: marks the checkpoint complete
+        write_json_atomic(tmp / "state.json", state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        mark_complete(tmp)  # after every process has written its files
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -7,16 +7,21 @@
     rlhf report RUN_DIR... [--out DIR]                Markdown/HTML page with tables and plots
     rlhf reference                                    every stage's recipe keys as Markdown (docs/recipes.md)
 
-Errors a user can cause print one line `error: <where>: <key>: <problem>` and exit with code 2.
+Errors a user can cause print one line `error: <where>: <key>: <problem>` and exit with code 2; so do
+errors of the environment (a file that cannot be read or written). Any other error prints one line with
+its cause and exits with code 1; RLHF_DEBUG=1 shows its traceback instead. Ctrl-C or SIGTERM during
+training saves a checkpoint and exits with 130 or 143. A failed stage leaves no `.partial` behind,
+except one holding a checkpoint to resume from.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
-from rlhf.errors import Interrupted, UserError
+from rlhf.errors import Interrupted, UserError, describe
 
 STAGES = {
     "tasks": "generate the built-in verifiable task suite (corpus, SFT, preferences, prompts)",
@@ -89,11 +94,11 @@ def run_stage(stage: str, recipe_path: str, overrides: list[str]):
         raise
     try:
         return module.run(recipe)
-    except UserError:
+    except BaseException:  # any error, Ctrl-C or exit: nothing half-written stays behind (checkpoints do)
         if os.environ.get("RANK", "0") == "0":
             from rlhf.artifacts import RunFolder
 
-            RunFolder.discard_failed(recipe)  # nothing half-written stays behind (checkpoints do)
+            RunFolder.discard_failed(recipe)
         raise
 
 
@@ -136,11 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             print(err.line(), file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"{err.message}\nresume with the same command (or add resume=true)", file=sys.stderr)
-        return 130
+        signum = err.signum or signal.SIGINT
+        print(f"{signal.Signals(signum).name}: {err.message}; resume with the same command (or add resume=true)",
+              file=sys.stderr)
+        return 128 + signum
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if os.environ.get("RLHF_DEBUG"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {describe(err)} (re-run with RLHF_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2 if isinstance(err, OSError) else 1
 
 
 def entry() -> None:

@@ -155,7 +155,31 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str, where: s
     for name, ok, words in checks:
         bound = meta.get(name)
         if bound is not None and not ok(value, bound):
-            raise RecipeError(f"must be {words} {bound:g}, got {value:g}", where, key)
+            raise RecipeError(f"must be {words} {_number(bound)}, got {_number(value)}", where, key)
+
+
+def _number(value: int | float) -> str:
+    """A bound or value for an error line: integers exactly (a seed bound of 4294967295, not 4.29e+09),
+    integers too long to read shortened, floats as %g."""
+    if isinstance(value, int):
+        text = str(value)
+        return text if len(text) <= 20 else f"{text[:8]}...({len(text)} digits)"
+    return f"{value:g}"
+
+
+_SIZE_RE = re.compile(r"^(\d+)(GiB|MiB|KiB|GB|MB|KB)$", re.IGNORECASE)
+_SIZE_UNITS = {"GIB": 2 ** 30, "MIB": 2 ** 20, "KIB": 2 ** 10, "GB": 10 ** 9, "MB": 10 ** 6, "KB": 10 ** 3}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes in a size like '5GB' or '500MiB', as transformers reads `max_shard_size` (a lowercase final
+    'b' of GB/MB/KB means bits); None when `text` is not such a size."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        return None
+    number, unit = int(match.group(1)), match.group(2)
+    size = number * _SIZE_UNITS[unit.upper()]
+    return size // 8 if unit.endswith("b") and not unit.upper().endswith("IB") else size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,19 +237,60 @@ def _join(prefix: str, name: str) -> str:
 # files and overrides
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        self.key, self.line, self.first_line = key, line, first_line
+        super().__init__(f"duplicate key {key!r}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error: PyYAML would keep
+    the last value silently, so `lr: 1e-4` ... `lr: 1e-3` would train with whichever came last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges may override on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely (no tags that build objects), refusing duplicate keys (`DuplicateKey`)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a recipe file (yaml.safe_load); a missing file or broken YAML is a one-line error."""
+    """Read a recipe file (safe YAML, no duplicate keys); a missing, unreadable or broken file is a
+    one-line error."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError("recipe file not found", str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKey as err:
+        raise RecipeError(f"duplicate key (first given on line {err.first_line}); YAML would silently keep "
+                          f"only the last value", f"{path}:{err.line}", str(err.key)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RecipeError(f"invalid YAML: {getattr(err, 'problem', err)}", where) from None
     except UnicodeDecodeError:
         raise RecipeError("recipe is not UTF-8 text", str(path)) from None
+    except OSError as err:  # permissions, a folder of that name, a broken network mount
+        raise RecipeError(f"cannot read: {err.strerror or err}", str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -247,7 +312,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[str]:
         if not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override {item!r} has an empty key", "command line")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
+        except DuplicateKey as err:
+            raise RecipeError(f"duplicate key {err.key!r} in {raw!r}", "command line", key) from None
         except yaml.YAMLError:
             value = raw
         node = data

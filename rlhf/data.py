@@ -12,7 +12,6 @@ which examples each process sees at each step (no duplicates, no drops inside a 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,10 @@ from typing import Callable
 import torch
 
 from data_formats.chat import Segment, make_format
-from data_formats.readers import Invalid, read_records
+from data_formats.readers import Invalid, parse_json, read_records
 from data_formats.schemas import parse_preference, parse_prompt
 from data_formats.tasks import has_gold
-from rlhf.errors import DataError, UserError
+from rlhf.errors import DataError, UserError, warn
 from rlhf.sections import PromptData
 
 IGNORE_INDEX = -100  # labels with this value are not trained on (torch cross-entropy's ignore_index)
@@ -127,10 +126,10 @@ def read_corpus(paths: list[str], key: str = "data.train") -> list[str]:
             for lineno, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
                     continue
-                try:
-                    doc = json.loads(line).get("text")
-                except (json.JSONDecodeError, AttributeError):
-                    raise DataError("expected a JSON object with a 'text' field", f"{path}:{lineno}") from None
+                obj = parse_json(line, f"{path}:{lineno}")
+                if not isinstance(obj, dict):
+                    raise DataError("expected a JSON object with a 'text' field", f"{path}:{lineno}")
+                doc = obj.get("text")
                 if not isinstance(doc, str):
                     raise DataError("missing or not a string", f"{path}:{lineno}", "text")
                 docs.append(doc)
@@ -194,6 +193,54 @@ def _reply_ids(tokenizer, texts: list[str], eos: list[bool]) -> list[list[int]]:
     """Responses tokenized on their own, EOS appended where the format says (a chat template's reply
     already ends in its end-of-turn token)."""
     return [ids + [tokenizer.eos_token_id] * e for ids, e in zip(_ids(tokenizer, texts, False), eos)]
+
+
+# --- prompts that generation feeds to a model: within its positions --------------------------------------
+
+
+def model_positions(model) -> int | None:
+    """Longest sequence a model's position embeddings cover (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_prompt(ids: list[int], positions: int | None, new_tokens: int, bos: int | None) -> list[int]:
+    """Cut a prompt from the left (keeping BOS) so that it and `new_tokens` generated tokens fit in
+    `positions`; a prompt is never cut below one token. Unchanged when `positions` is None."""
+    if positions is None:
+        return ids
+    return _left_truncate(ids, max(1, positions - new_tokens), bos)
+
+
+def fit_to_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int,
+                     pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fit_prompt` for a left-padded batch (B, P): rows too long for the model's positions are cut and
+    the batch is re-padded; a batch that fits is returned as it is (no copy)."""
+    positions = model_positions(model)
+    if positions is None or input_ids.shape[1] + new_tokens <= positions:
+        return input_ids, attention_mask
+    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    rows = [fit_prompt(row[mask.bool()].tolist(), positions, new_tokens, bos)
+            for row, mask in zip(input_ids, attention_mask)]
+    device = input_ids.device
+    return (pad(rows, pad_id, left=True).to(device),
+            pad([[1] * len(r) for r in rows], 0, left=True).to(attention_mask.dtype).to(device))
+
+
+def warn_long_prompts(prompts: list[dict], model, new_tokens: int) -> None:
+    """One warning with the count of prompts ({'prompt_ids'}) that generation will cut to fit the model."""
+    positions = model_positions(model)
+    if positions is None:
+        return
+    limit = max(1, positions - new_tokens)
+    long = sum(len(p["prompt_ids"]) > limit for p in prompts)
+    if long:
+        warn(f"{long} of {len(prompts)} prompts are longer than the model's {positions} positions leave room for "
+             f"({limit} tokens before {new_tokens} new ones); generation cuts them from the left")
 
 
 def encode_sft(records: list, tokenizer, max_len: int, train_on_prompt: bool, key: str = "data.max_len",
@@ -272,13 +319,14 @@ def load_pairs(section, tokenizer, seed: int) -> tuple[list, list, dict]:
 
 
 def encode_prompts(records: list, tokenizer, max_prompt_len: int) -> tuple[list, dict]:
-    """Prompt records -> {'prompt_ids', 'meta', 'prompt'} (left-truncated)."""
+    """Prompt records -> {'prompt_ids', 'meta', 'prompt', 'record'} (left-truncated); 'record' is the
+    PromptRecord, whose raw record a reward model reading another format renders in its own."""
     bos = tokenizer.bos_token_id
     out, truncated = [], 0
     for rec, p in zip(records, prompt_ids(records, tokenizer)):
         p2 = _left_truncate(p, max_prompt_len, bos)
         truncated += len(p2) < len(p)
-        out.append({"prompt_ids": p2, "meta": rec.meta, "prompt": rec.prompt})
+        out.append({"prompt_ids": p2, "meta": rec.meta, "prompt": rec.prompt, "record": rec})
     return out, {"truncated": truncated}
 
 

@@ -1,4 +1,8 @@
-"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+"""Errors a user can cause (the CLI prints them as one line and exits with code 2), and the one-line forms
+of warnings and of any other exception."""
+
+import os
+import sys
 
 
 class UserError(Exception):
@@ -31,8 +35,29 @@ class TrainingStopped(UserError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: a checkpoint was saved; the CLI says how to resume (exit 130)."""
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved; the CLI says how to resume and exits
+    with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM). `runtime.Interrupt` fills `signum`."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, signum: int | None = None):
         self.message = message
+        self.signum = signum
         super().__init__(message)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, from the main process only (RANK unset or 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def describe(err: BaseException) -> str:
+    """An exception as one short line: a UserError's own line, else its type and first line of text
+    (an OSError with the file it is about)."""
+    if isinstance(err, UserError):
+        return err.line().removeprefix("error: ")
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = (str(err).strip().splitlines() or [""])[0]
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -178,5 +178,6 @@ def run(accelerator, folder, train, seed: int, model, optimizer, scheduler, task
                 if task.on_best is not None:
                     task.on_best()
     final = scaffold.close()
+    guard.check_trained()  # a run in which every step was skipped (non-finite) must not finish
     final["train/steps"] = steps
     return final

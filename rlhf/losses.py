@@ -92,9 +92,9 @@ def aggregate_loss(values: Tensor, mask: Tensor, loss_agg: str = "token",
 #
 # One preparation of the logits for sampling and for training (`prepare_logits`): the rollout engine draws
 # from softmax(prepare_logits(logits)), so the update must score its tokens under the same distribution,
-# or every rollout is slightly off-policy. The (N, V) log-softmax is never materialised: rows are taken in
+# or every rollout is slightly off-policy. The (N, V) log-softmax is never materialized: rows are taken in
 # chunks of at most CHUNK_ELEMENTS values, each chunk is upcast and reduced, and the backward pass
-# recomputes the chunk's softmax from the saved per-row log-normaliser.
+# recomputes the chunk's softmax from the saved per-row log-normalizer.
 
 # values per chunk: 16M float32 = 64 MiB per chunk buffer (two are live at a time); 110 rows at V = 152k
 CHUNK_ELEMENTS = 1 << 24
@@ -142,7 +142,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
             z = prepare_logits(logits[start:end], temperature, suppress_ids)  # (rows, V)
             top = z.amax(-1, keepdim=True)
             z.sub_(top)  # z − max: ≤ 0, so exp cannot overflow
-            p = z.exp()  # unnormalised probabilities
+            p = z.exp()  # unnormalized probabilities
             total = p.sum(-1, keepdim=True)
             log_total = total.log()
             lse[start:end] = (top + log_total).squeeze(-1)
@@ -296,7 +296,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda:
     length = rewards.shape[-1]
     advantages = torch.zeros_like(rewards)
     last_adv = torch.zeros_like(rewards[:, 0])
-    # plain loop over time, vectorised over the batch:
+    # plain loop over time, vectorized over the batch:
     # for t in reversed(range(A)): delta = r[t] + γ V[t+1] m[t+1] − V[t]; A[t] = delta + γλ A[t+1] m[t+1]
     for t in reversed(range(length)):
         next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last_adv)
@@ -340,7 +340,7 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     rewards = rewards * m
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
-    # plain loop over time, vectorised over the batch: G[t] = r[t] + γ G[t+1]
+    # plain loop over time, vectorized over the batch: G[t] = r[t] + γ G[t+1]
     for t in reversed(range(rewards.shape[-1])):
         running = (rewards[:, t] + gamma * running) * m[:, t]
         returns[:, t] = running

@@ -5,7 +5,9 @@ A model reference is one of:
     adapter; an adapter is applied to its parent (recursively) and merged, so the result is the
     model that stage trained;
   - a local Hugging Face folder;
-  - a hub id (`org/name`, optional revision).
+  - a hub id (`org/name`, optional revision), inspected like a folder: its config.json (or
+    adapter_config.json) is read through huggingface_hub, from the local hub cache when offline, so a
+    `*ForSequenceClassification` checkpoint loads as a reward model with its head.
 """
 
 from __future__ import annotations
@@ -55,6 +57,21 @@ def model_dir(spec: str, key: str) -> tuple[str, dict | None]:
     if looks_like_path(spec) or path.suffix in (".yaml", ".json", ".safetensors"):
         raise UserError(f"model path {spec} not found", None, key)
     return spec, None  # a hub id
+
+
+def model_file(where: str, name: str, revision: str | None = None) -> Path | None:
+    """The file `name` of a model folder or hub id (downloaded, or found in the local hub cache when offline);
+    None when it has none or the hub cannot be reached."""
+    if Path(where).is_dir():
+        path = Path(where, name)
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(where, name, revision=revision))
+    except (OSError, ValueError, EntryNotFoundError):  # not in the repo or the cache, no network, a bad id
+        return None
 
 
 def _hub_error(spec: str, err: Exception, key: str) -> UserError:
@@ -147,20 +164,32 @@ def stop_token_ids(tokenizer, source=None) -> list[int]:
     """Every id that ends a response: EOS, each id of the model's `generation_config.eos_token_id` (Llama 3
     lists several), and the chat template's end-of-turn token ('<|im_end|>', '<|eot_id|>').
 
-    `source`: a model folder or run folder (its generation_config.json is read when present), a
-    GenerationConfig, or None."""
+    `source`: a model folder or run folder (its generation_config.json is read when present), a hub id (its
+    generation config, from the local hub cache when offline), a GenerationConfig or its dict, or None."""
     ids = [tokenizer.eos_token_id]
     gen = source
     if isinstance(source, (str, Path)):  # a model folder, or a run folder with the model in model/
         path = next((f for f in (Path(source) / "generation_config.json", Path(source) / "model" /
                                  "generation_config.json") if f.is_file()), None)
-        gen = json.loads(path.read_text()) if path else None
+        gen = json.loads(path.read_text()) if path else _hub_generation_config(str(source))
     listed = gen.get("eos_token_id") if isinstance(gen, dict) else getattr(gen, "eos_token_id", None)
     ids += listed if isinstance(listed, list) else [listed] if listed is not None else []
     end = end_of_turn(tokenizer)
     if end is not None:
         ids.append(tokenizer.convert_tokens_to_ids(end))
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _hub_generation_config(spec: str) -> dict | None:
+    """The generation config of a hub id (None for a local path, or when the hub and its cache have none)."""
+    if Path(spec).expanduser().exists() or looks_like_path(spec):
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(spec).to_dict()
+    except (OSError, ValueError):
+        return None
 
 
 def pad_token_key_hint(key: str) -> str:
@@ -202,21 +231,19 @@ def _from_pretrained(cls, where: str, spec: str, key: str, dtype, revision=None,
         raise _hub_error(spec, err, key) from None
 
 
-def model_info(spec: str, key: str) -> dict:
-    """{'kind': 'full'|'adapter', 'task': 'causal_lm'|'seq_cls', 'base': parent spec} of a reference."""
+def model_info(spec: str, key: str, revision: str | None = None) -> dict:
+    """{'kind': 'full'|'adapter', 'task': 'causal_lm'|'seq_cls', 'base': parent spec} of a reference: a run
+    folder's manifest says; a model folder or hub id is read from its adapter_config.json / config.json."""
     where, manifest = model_dir(spec, key)
     if manifest is not None:
         return manifest.get("model_info", {"kind": "full", "task": "causal_lm"})
-    if Path(where, "adapter_config.json").is_file():
-        import json
-
-        cfg = json.loads(Path(where, "adapter_config.json").read_text())
+    adapter = model_file(where, "adapter_config.json", revision)
+    if adapter is not None:
+        cfg = json.loads(adapter.read_text())
         task = "seq_cls" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
         return {"kind": "adapter", "task": task, "base": cfg.get("base_model_name_or_path")}
-    config = Path(where, "config.json")
-    if config.is_file():
-        import json
-
+    config = model_file(where, "config.json", revision)
+    if config is not None:
         archs = json.loads(config.read_text()).get("architectures") or []
         if any(a.endswith("ForSequenceClassification") for a in archs):
             return {"kind": "full", "task": "seq_cls"}
@@ -229,11 +256,11 @@ def load_model(spec: str, key: str = "model.name_or_path", *, task: str = "causa
     """Load any model reference as a plain transformers model (adapters merged, in `dtype`).
 
     task 'causal_lm' gives AutoModelForCausalLM; 'seq_cls' gives AutoModelForSequenceClassification with
-    one label (a reward model as saved by the rm stage, or a causal LM given a new zero-initialised head).
+    one label (a reward model as saved by the rm stage, or a causal LM given a new zero-initialized head).
     `vocab`: resize embeddings to the tokenizer's length.
     """
     where, manifest = model_dir(spec, key)
-    info = model_info(spec, key)
+    info = model_info(spec, key, revision)
     torch_dtype = DTYPES[dtype]
     if info["kind"] == "adapter":
         if quantize_4bit:
@@ -377,9 +404,13 @@ def load_trainable(model_section, lora_section, tokenizer, task: str = "causal_l
     grown to the tokenizer, gradient checkpointing if asked, the KV cache off for training, and a fresh LoRA
     adapter (a null `lora` section: full fine-tuning). `task='seq_cls'`: a scalar-head model whose head is
     always trained, with the pad id in its config (plain transformers pools the last non-pad token)."""
-    model = load_model(spec or model_section.name_or_path, key, task=task, vocab=len(tokenizer),
+    model = load_model(spec or model_section.name_or_path, key, task=task,
                        quantize_4bit=bool(lora_section and lora_section.quantization == "4bit"),
                        **_load_options(model_section))
+    rows = model.get_input_embeddings().weight.shape[0]
+    resize_embeddings(model, len(tokenizer))
+    if lora_section is not None:
+        _note_untrained_tokens(tokenizer, rows, lora_section)
     if task == "seq_cls":
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_section.gradient_checkpointing:
@@ -389,6 +420,16 @@ def load_trainable(model_section, lora_section, tokenizer, task: str = "causal_l
         model = apply_lora(model, lora_section, task)
     keep_float32(model, "all" if lora_section is not None else "heads")
     return model
+
+
+def _note_untrained_tokens(tokenizer, rows: int, lora_section) -> None:
+    """Tokens the chat template writes that the model had no embedding for (ChatML installed into a base model)
+    start as the mean of the others, all alike; LoRA does not train embeddings, so they would stay so."""
+    new = [t.content for i, t in tokenizer.added_tokens_decoder.items()
+           if i >= rows and t.content in (tokenizer.chat_template or "")]
+    if new and not {"embed_tokens", "lm_head"} & set(lora_section.modules_to_save):
+        note(f"note: {' '.join(new)} are new to this model and start with the same embedding, which LoRA does not "
+             f"train: the model cannot tell them apart; fine-tune in full (lora: null) to learn them")
 
 
 def keep_float32(model: nn.Module, which: str = "all") -> None:

@@ -16,19 +16,19 @@ from rlhf.runtime import global_sums
 
 
 def gold_sums(model, tokenizer, prompts: list[dict], cfg, device, scorer=None, seed: int = 0, first: int = 0,
-              batches: int = 0, synced: bool = False) -> dict[str, float]:
-    """Gold-scoring counts for `prompts` ({'prompt_ids', 'meta', 'prompt'}), which may be one process's shard:
-    {'correct', 'graded', 'ended', 'rows'(, 'proxy' summed)}. Add them over processes, then `gold_metrics`.
+              batches: int = 0, synced: bool = False, stop_ids: list[int] | None = None) -> dict[str, float]:
+    """Gold-scoring counts for `prompts` ({'prompt_ids', 'meta', 'prompt', 'record'}), which may be one process's
+    shard: {'correct', 'graded', 'ended', 'rows'(, 'proxy' summed)}. Add them over processes, then `gold_metrics`.
     Every call draws the same per-prompt noise (seeded decoder): changes are the policy's, not the dice's.
-    `first`, `batches`, `synced`: see `rlhf.rollout.complete`."""
+    `first`, `batches`, `synced`, `stop_ids`: see `rlhf.rollout.complete`."""
     rows = complete(model, tokenizer, [p["prompt_ids"] for p in prompts], cfg, device, seed=seed, first=first,
-                    batches=batches, synced=synced)
+                    batches=batches, synced=synced, stop_ids=stop_ids)
     graded = [grade(p["meta"], r["completion"]) for p, r in zip(prompts, rows) if has_gold(p["meta"])]
     out = {"correct": float(sum(graded)), "graded": float(len(graded)),
            "ended": float(sum(r["ended"] for r in rows)), "rows": float(len(rows))}
     if scorer is not None:
-        texts = [p["prompt"] + r["completion"] for p, r in zip(prompts, rows)]
-        out["proxy"] = float(scorer(texts, ended=[r["ended"] for r in rows]).sum())
+        proxy = scorer.score_responses(prompts, [r["completion"] for r in rows], [r["ended"] for r in rows])
+        out["proxy"] = float(proxy.sum())
     return out
 
 
@@ -41,8 +41,8 @@ def gold_metrics(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def gold_check(accelerator, model, tokenizer, prompts: list[dict], cfg, scorer, seed: int, monitor, step: int,
-               kl: float) -> dict[str, float]:
+def gold_check(accelerator, model, tokenizer, prompts: list[dict], cfg, scorer, seed: int, monitor, stop_ids: list[int],
+               step: int, kl: float) -> dict[str, float]:
     """Gold accuracy and proxy score of `model` on the held-out `prompts`, with the monitor's warnings
     (printed by the main process; every process keeps the monitor's state). Every process decodes a
     contiguous shard (sharded weights need all of them in each forward) and the counts are summed."""
@@ -50,7 +50,7 @@ def gold_check(accelerator, model, tokenizer, prompts: list[dict], cfg, scorer, 
     lo, hi = rank * n // world, (rank + 1) * n // world
     calls = math.ceil(math.ceil(n / world) / cfg.batch_size)  # the largest shard's; every process makes as many
     sums = gold_sums(model, tokenizer, prompts[lo:hi], cfg, accelerator.device, scorer, seed, first=lo, batches=calls,
-                     synced=True)
+                     synced=True, stop_ids=stop_ids)
     out = gold_metrics(global_sums(accelerator, sums))
     warnings = monitor.check(step, out, kl)
     if warnings:

@@ -32,12 +32,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train, total_steps: int):
 
 
 class StepGuard:
-    """Counts non-finite steps and decides skip or stop (recipe `train.on_nonfinite`, `train.max_nonfinite`)."""
+    """Counts non-finite steps and decides skip or stop (recipe `train.on_nonfinite`, `train.max_nonfinite`);
+    a run whose every step was skipped trained nothing and stops (`check_trained`)."""
 
     def __init__(self, train):
         self.policy = train.on_nonfinite
         self.limit = train.max_nonfinite
         self.skipped = 0
+        self.applied = 0  # optimizer steps taken
 
     def check(self, step: int, quantity: str, value: float) -> bool:
         """True if `value` is finite; otherwise count it, or stop the run with a message naming the step."""
@@ -49,11 +51,18 @@ class StepGuard:
             raise TrainingStopped(f"non-finite {quantity} ({value}) at step {step}; stopping ({why})")
         return False
 
+    def check_trained(self) -> None:
+        """At the end of training: stop the run (nothing is saved) if every step was skipped as non-finite."""
+        if self.skipped and not self.applied:
+            raise TrainingStopped(f"every one of the {self.skipped} steps was skipped as non-finite: nothing was "
+                                  f"trained; check the data (e.g. margins), train.lr and train.mixed_precision")
+
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "applied": self.applied}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped = int(state["skipped"])
+        self.applied = int(state.get("applied", 1))  # a checkpoint that did not count them: assume progress
 
 
 def optimizer_step(accelerator, parts: dict[str, tuple], max_grad_norm: float | None, guard: StepGuard,
@@ -78,6 +87,7 @@ def optimizer_step(accelerator, parts: dict[str, tuple], max_grad_norm: float | 
         for name, norm in norms.items():
             ok = ok and guard.check(step, "gradient norm" if len(parts) == 1 else f"{name} gradient norm", norm)
     out = {"train/skipped": float(not ok)}
+    guard.applied += ok or accelerator.scaler is not None or deepspeed  # (those skip inf steps themselves)
     for name, (_, optimizer, scheduler) in parts.items():
         # DeepSpeed's engine already clipped (its config's gradient_clipping) and stepped inside
         # `accelerator.backward` on the last micro-batch; accelerate makes these calls no-ops then.

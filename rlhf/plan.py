@@ -1,8 +1,14 @@
-"""`rlhf plan RECIPE [--gpu-mem 80GiB] [--zero 0-3] [--gpus N]`: bytes per role before launching.
+"""`rlhf plan RECIPE [--gpu-mem 80GiB] [--zero 0-3] [--gpus N] [--model ID]`: bytes per role before launching.
+
+It works before anything has run: a model reference that is a run folder not written yet is followed through
+the recipe next to RECIPE whose `output_dir` it is (the shipped recipe sets are linked that way) back to the
+base model, whose config is read from its folder, the hub (or the local hub cache), or, offline, the small
+copies shipped in `rlhf/model_configs/` for the hub models the shipped recipes name. `--model` plans every role
+with the config of the model given instead.
 
 The arithmetic (pure functions of numbers, all in bytes) follows what this code base actually does:
 - weights: parameters x bytes(model.dtype); 4-bit QLoRA stores linear weights at 0.5 byte (+3 % for
-  quantisation constants). LoRA parameters are float32 (peft keeps adapters in fp32).
+  quantization constants). LoRA parameters are float32 (peft keeps adapters in fp32).
 - gradients: trainable parameters x bytes of their dtype (LoRA: 4; full fine-tuning: model.dtype).
 - optimizer (AdamW): two moments per trainable parameter, in the parameter's dtype (torch's AdamW keeps
   states like the parameters; there is no separate fp32 master copy).
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -33,6 +40,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_DIR = Path(__file__).parent / "model_configs"  # ORG--NAME.json: hub configs for planning offline
 
 
 def parse_bytes(text: str) -> int:
@@ -50,7 +58,8 @@ def model_shape(config) -> dict:
     d = getattr(config, "head_dim", None) or h // heads
     i, vocab = config.intermediate_size, config.vocab_size
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    bias = bool(getattr(config, "attention_bias", False))
+    # Qwen2 has q/k/v biases and no `attention_bias` setting
+    bias = bool(getattr(config, "attention_bias", config.model_type == "qwen2"))
     linear = {"q_proj": (h, heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (heads * d, h),
               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     per_layer = sum(a * b for a, b in linear.values()) + 2 * h  # + two RMSNorm weights
@@ -172,22 +181,83 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines + [line])
 
 
-def load_config(spec: str, key: str):
-    """transformers config of a model reference (following adapters in run folders to their base)."""
+def load_config(spec: str, key: str, recipes: Path | None = None) -> tuple[object, list[str]]:
+    """(transformers config, how it was found) of a model reference: adapters in run folders are followed to their
+    base; a run folder that does not exist yet, through the recipe in `recipes` (a folder) whose output_dir it is;
+    a hub id is read from the hub or its local cache, else from the copy in CONFIG_DIR."""
     from transformers import AutoConfig
 
     from rlhf.models import model_dir
 
-    where, manifest = model_dir(spec, key)
+    writer = None if Path(spec).expanduser().exists() else recipe_writing(spec, recipes)
+    if writer is not None:
+        config, trail = parent_config(writer, key)
+        return config, [f"{spec}: written by {writer}"] + trail
+    where, manifest = model_dir(spec, key)  # a missing path: the usual one-line error
     info = (manifest or {}).get("model_info", {})
     if info.get("kind") == "adapter" or (Path(where, "adapter_config.json").is_file() and
                                          not Path(where, "config.json").is_file()):
         base = info.get("base") or json.loads(Path(where, "adapter_config.json").read_text())["base_model_name_or_path"]
-        return load_config(base, key)
+        return load_config(base, key, recipes)
     try:
-        return AutoConfig.from_pretrained(where)
+        return AutoConfig.from_pretrained(where), [f"{spec}: its config.json"]
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the config of {spec}: {str(err).splitlines()[0]}", None, key) from None
+        shipped = None if Path(where).is_dir() else shipped_config(spec)
+        if shipped is None:
+            raise UserError(f"cannot read the config of {spec}: {str(err).splitlines()[0]} (pass --model with a "
+                            f"folder or hub id to plan with)", None, key) from None
+        return shipped, [f"{spec}: the shipped copy of its config (rlhf/model_configs/; not in the hub cache)"]
+
+
+def shipped_config(hub_id: str):
+    """The config of a hub model the shipped recipes name, from CONFIG_DIR (None for others)."""
+    from transformers import AutoConfig
+
+    path = CONFIG_DIR / (hub_id.replace("/", "--") + ".json")
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text())
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def recipe_writing(spec: str, recipes: Path | None) -> Path | None:
+    """The recipe in the folder `recipes` whose output_dir is `spec` (a run folder it will write), if any."""
+    import yaml
+
+    target = os.path.normpath(spec)
+    for path in sorted(recipes.glob("*.yaml")) if recipes else []:
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            continue
+        if isinstance(raw, dict) and os.path.normpath(str(raw.get("output_dir", ""))) == target:
+            return path
+    return None
+
+
+def parent_config(path: Path, key: str) -> tuple[object, list[str]]:
+    """The config of the model a recipe's run will hold: its starting model's (sft, rm, dpo, ppo: model.name_or_path;
+    export: source), or the architecture a pretrain recipe describes."""
+    from rlhf.recipes import load_recipe
+
+    recipe = load_recipe(path)
+    if recipe.stage == "pretrain":
+        return pretrain_config(recipe), [f"{path}: the architecture it pretrains"]
+    if recipe.stage in ("sft", "rm", "dpo", "ppo", "export"):
+        parent = recipe.source if recipe.stage == "export" else recipe.model.name_or_path
+        return load_config(parent, key, path.parent)
+    raise UserError(f"{path} is a '{recipe.stage}' recipe: its run folder holds no model", None, key)
+
+
+def pretrain_config(recipe):
+    """The Llama config a pretrain recipe builds."""
+    from transformers import LlamaConfig
+
+    arch = recipe.model
+    return LlamaConfig(vocab_size=recipe.tokenizer.vocab_size, hidden_size=arch.hidden_size,
+                       intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_layers,
+                       num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads or arch.num_heads,
+                       tie_word_embeddings=arch.tie_word_embeddings)
 
 
 def main(argv: list[str]) -> int:
@@ -199,24 +269,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gpu-mem", default=None, help="memory of one GPU, e.g. 80GiB")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO / FSDP sharding stage")
     parser.add_argument("--gpus", type=int, default=1, help="processes the states are sharded over")
+    parser.add_argument("--model", default=None, help="plan every role with this model's config (a folder or hub "
+                                                      "id) instead of following the recipe's models")
     args = parser.parse_args(argv)
     gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem else None
     recipe = load_recipe(args.recipe, None, args.overrides)
-    if recipe.stage == "pretrain":
-        from transformers import LlamaConfig
-
-        arch = recipe.model
-        config = LlamaConfig(vocab_size=recipe.tokenizer.vocab_size, hidden_size=arch.hidden_size,
-                             intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_layers,
-                             num_attention_heads=arch.num_heads,
-                             num_key_value_heads=arch.num_kv_heads or arch.num_heads,
-                             tie_word_embeddings=arch.tie_word_embeddings)
-        shapes = {"policy": model_shape(config)}
-    elif recipe.stage in ("sft", "rm", "dpo", "ppo"):
-        shapes = {"policy": model_shape(load_config(recipe.model.name_or_path, "model.name_or_path"))}
+    here = Path(args.recipe).parent  # the recipe set the run folders it names are written by
+    roles = {"policy": "model.name_or_path", "reward": "ppo.reward_model"}
+    specs = {}
+    if recipe.stage in ("sft", "rm", "dpo", "ppo"):
+        specs["policy"] = recipe.model.name_or_path
         if recipe.stage == "ppo" and recipe.ppo.reward_model:
-            shapes["reward"] = model_shape(load_config(recipe.ppo.reward_model, "ppo.reward_model"))
-    else:
+            specs["reward"] = recipe.ppo.reward_model
+    elif recipe.stage != "pretrain":
         raise UserError(f"no memory plan for stage '{recipe.stage}' (it trains nothing)", args.recipe, "stage")
+    shapes = {"policy": model_shape(pretrain_config(recipe))} if recipe.stage == "pretrain" else {}
+    for role, spec in specs.items():
+        config, trail = load_config(args.model or spec, "--model" if args.model else roles[role], here)
+        shapes[role] = model_shape(config)
+        print(f"{role} model: " + " <- ".join(trail))
     print(format_plan(plan(recipe, shapes, gpu_mem, args.zero, args.gpus)))
     return 0

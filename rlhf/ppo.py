@@ -29,7 +29,7 @@ def load_prompts(recipe, tokenizer, folder) -> tuple[list[dict], list[dict]]:
     """The rollout prompts of `data` and the monitor's gold-scored prompts (`ppo.gold_prompts`), encoded; their
     counts and hashes (and the reward function's source file) go to the run's manifest."""
     ppo, data = recipe.ppo, recipe.data
-    split = load_split(data, parse_prompt, recipe.seed)
+    split = load_split(data, parse_prompt, recipe.seed, tokenizer=tokenizer)  # `chat` renders with the tokenizer
     prompts, counts = encode_prompts(split.train, tokenizer, data.max_prompt_len)
     if ppo.reward_fn:
         check_records(ppo.reward_fn, [p["meta"] for p in prompts])
@@ -104,13 +104,14 @@ def shape_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: fl
     return scores
 
 
-def score_rollout(scorer, reward_fn, weights: dict, gen: Generation, batch: list[dict], tokenizer
+def score_rollout(scorer, reward_fn, weights: dict, gen: Generation, batch: list[dict], tokenizer, fmt
                   ) -> tuple[torch.Tensor, dict]:
     """(B,) scores of a rollout: weights['reward_model'] x the reward model's (normalized) score + weights['reward_fn']
-    x the reward function's, for the sources the recipe gives; and each source's own (B,) scores."""
+    x the reward function's, for the sources the recipe gives; and each source's own (B,) scores. `fmt`: the
+    format the prompts are rendered in (a reward model reading another one scores through text)."""
     sources = {}
     if scorer is not None:
-        sources["reward_model"] = scorer.score_generation(gen, [p["prompt"] for p in batch], tokenizer).float()
+        sources["reward_model"] = scorer.score_generation(gen, batch, tokenizer, fmt).float()
     if reward_fn is not None:
         completions = decode_responses(tokenizer, gen)
         sources["reward_fn"] = call_reward_fn(reward_fn, [p["prompt"] for p in batch], completions,
@@ -120,23 +121,24 @@ def score_rollout(scorer, reward_fn, weights: dict, gen: Generation, batch: list
     return sum(weights.get(name, 1.0) * value for name, value in sources.items()), sources
 
 
-# --- advantages: one function per ppo.advantage_estimator, (rewards, values, mask, ppo, k) -> (advantages, returns)
+# --- advantages: one function per ppo.advantage_estimator, (rewards, values, mask, ppo) -> (advantages, returns)
 # (rewards: r_t = -kl_coef·kl_t with kl_in: reward, + the score at the last token; values: the critic's, gae only)
 
 
-def _gae(rewards, values, mask, ppo, group_size):
+def _gae(rewards, values, mask, ppo):
     return gae(rewards, values, mask, ppo.gamma, ppo.gae_lambda)
 
 
-def _grpo(rewards, values, mask, ppo, group_size):
-    return _per_token(grpo_advantages(masked_sum(rewards, mask, dim=-1), group_size, ppo.scale_by_std), mask)
+def _grpo(rewards, values, mask, ppo):
+    returns = masked_sum(rewards, mask, dim=-1)  # (B,) each response's summed reward
+    return _per_token(grpo_advantages(returns, ppo.samples_per_prompt, ppo.scale_by_std), mask)
 
 
-def _rloo(rewards, values, mask, ppo, group_size):
-    return _per_token(rloo_advantages(masked_sum(rewards, mask, dim=-1), group_size), mask)
+def _rloo(rewards, values, mask, ppo):
+    return _per_token(rloo_advantages(masked_sum(rewards, mask, dim=-1), ppo.samples_per_prompt), mask)
 
 
-def _reinforce_pp(rewards, values, mask, ppo, group_size):
+def _reinforce_pp(rewards, values, mask, ppo):
     # REINFORCE++ (Hu 2025): the per-token KL-shaped return G_t, whitened over the global batch by the stage
     return discounted_returns(rewards, mask, ppo.gamma), None
 

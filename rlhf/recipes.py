@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rlhf.config import apply_overrides, build, opt, read_yaml, req, section
+from rlhf.config import apply_overrides, build, opt, parse_size, read_yaml, req, section
 from rlhf.errors import RecipeError
 from rlhf.sections import (ArchSection, CorpusData, DPOSection, EvalSection, ExportSection, GenerateSection,
                            LoraSection, ModelSection, PPOSection, PreferenceData, PromptData, RMSection, SFTData,
@@ -26,7 +26,7 @@ from rlhf.sections import (ArchSection, CorpusData, DPOSection, EvalSection, Exp
 class _Recipe:
     stage: str = req("the stage this recipe is for")
     output_dir: str = req("run folder to write (created when the stage finishes)")
-    seed: int = opt(0, "seed for python, numpy and torch")
+    seed: int = opt(0, "seed for python, numpy and torch", ge=0, le=2 ** 32 - 1)  # numpy's seed range
     resume: Optional[bool] = opt(None, "null = resume if a checkpoint exists; true = resume / keep a finished run; "
                                        "false = start over")
     overwrite: bool = opt(False, "replace a finished run folder at output_dir")
@@ -67,7 +67,7 @@ class RMRecipe(_Recipe):
 
 @dataclass(kw_only=True)
 class PPORecipe(_Recipe):
-    model: ModelSection = req("actor initialisation (usually the sft run folder)")
+    model: ModelSection = req("actor initialization (usually the sft run folder)")
     lora: Optional[LoraSection] = section(LoraSection, "LoRA for actor and critic (null = full fine-tuning)")
     data: PromptData = req("rollout prompts")
     train: TrainSection = section(TrainSection, "optimization and loop")
@@ -77,7 +77,7 @@ class PPORecipe(_Recipe):
 
 @dataclass(kw_only=True)
 class DPORecipe(_Recipe):
-    model: ModelSection = req("policy initialisation (usually the sft run folder)")
+    model: ModelSection = req("policy initialization (usually the sft run folder)")
     lora: Optional[LoraSection] = section(LoraSection, "LoRA adapter (null = full fine-tuning)")
     data: PreferenceData = req("pairwise preference data")
     train: TrainSection = section(TrainSection, "optimization and loop")
@@ -94,6 +94,12 @@ class EvalRecipe(_Recipe):
 class ExportRecipe(_Recipe):
     source: str = req("run folder (or HF folder) to export")
     export: ExportSection = section(ExportSection, "export options")
+
+    def validate(self) -> None:
+        size = parse_size(self.export.max_shard_size)
+        if not size:  # checked here, not when the shards are written after the parity check
+            raise RecipeError(f"expected a positive whole number with a unit (KB, MB, GB, KiB, MiB, GiB), e.g. "
+                              f"'5GB', got {self.export.max_shard_size!r}", key="export.max_shard_size")
 
 
 # Which stages' run folders each recipe key accepts (a hub id or plain folder is always accepted): declared
@@ -115,6 +121,28 @@ RECIPES: dict[str, type] = {
     "ppo": PPORecipe, "dpo": DPORecipe, "eval": EvalRecipe, "export": ExportRecipe,
 }
 
+# recipe keys that name what a stage reads (files, folders, run folders, hub ids): a run may not write
+# over, into or around any of them (`artifacts.RunFolder` checks)
+INPUT_KEYS = ("model.name_or_path", "data.train", "data.eval", "data.template", "tokenizer.existing",
+              "ppo.reward_model", "ppo.gold_prompts", "dpo.reference", "eval.models", "eval.prompts",
+              "eval.template", "eval.reward_model", "eval.reference", "source", "export.parity_prompts")
+
+
+def input_paths(recipe) -> list[tuple[str, str]]:
+    """(dotted key, value) of every input a recipe names (lists and mappings of them flattened)."""
+    out = []
+    for key in INPUT_KEYS:
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, dict):
+            out += [(f"{key}.{name}", v) for name, v in value.items()]
+        elif isinstance(value, list):
+            out += [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            out.append((key, value))
+    return out
+
 
 # ---------------------------------------------------------------------------------------------
 # loading
@@ -122,7 +150,15 @@ RECIPES: dict[str, type] = {
 
 def world_size() -> int:
     """Processes in this launch (accelerate/torchrun set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        processes = int(raw)
+    except ValueError:
+        processes = 0
+    if processes < 1:
+        raise RecipeError(f"WORLD_SIZE={raw[:40]!r} is not a positive whole number (the launcher sets it; unset it "
+                          f"for one process)", "environment")
+    return processes
 
 
 def load_recipe(path: str | Path, stage: str | None = None, overrides: list[str] | None = None,

@@ -5,6 +5,8 @@ the eval table (if an eval run is among them), its judged win rates and the KL-r
 evaluated model's KL to the reference against its reward-model score, gold accuracy and win rate), then
 per stage its key final metrics and its training curves: SFT loss, RM accuracy, PPO score / gold accuracy
 / KL / entropy, DPO margin and accuracy.
+Damaged or foreign folders are reported, not fatal: a folder whose manifest is broken or names no stage
+of this pipeline is skipped with a warning, and so are unreadable lines of metrics.jsonl or eval.json.
 """
 
 from __future__ import annotations
@@ -12,13 +14,11 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
-import sys
 from pathlib import Path
 
-from rlhf.artifacts import read_manifest
+from rlhf.artifacts import read_manifest, write_text_atomic
 from rlhf.card import markdown_table, win_rate_table
-from rlhf.errors import UserError
+from rlhf.errors import UserError, describe, warn
 
 ORDER = ["tasks", "pretrain", "sft", "rm", "ppo", "dpo", "eval", "export"]
 # per stage: subplots, each a title and the series it draws
@@ -49,32 +49,51 @@ def find_runs(paths: list[Path]) -> list[tuple[Path, dict]]:
     for path in paths:
         if not path.exists():
             raise UserError(f"{path} not found")
+        if not path.is_dir():
+            raise UserError(f"{path} is a file, not a run folder or a folder of run folders")
         candidates = [path] if (path / "manifest.json").is_file() else sorted(p for p in path.iterdir() if p.is_dir())
         for c in candidates:
-            manifest = read_manifest(c)
+            try:
+                manifest = read_manifest(c)
+            except UserError as err:
+                warn(f"report: skipping {c} ({describe(err)})")
+                continue
             if manifest is None:
                 if c.name.endswith(".partial"):
-                    print(f"report: skipping {c} (unfinished run)", file=sys.stderr)
+                    warn(f"report: skipping {c} (unfinished run)")
+                continue
+            if manifest.get("stage") not in ORDER:
+                warn(f"report: skipping {c} (its manifest.json names no stage of this pipeline)")
                 continue
             runs.append((c, manifest))
     if not runs:
         raise UserError(f"no finished run folders in {', '.join(map(str, paths))}")
-    return sorted(runs, key=lambda r: (ORDER.index(r[1]["stage"]) if r[1]["stage"] in ORDER else 99, str(r[0])))
+    return sorted(runs, key=lambda r: (ORDER.index(r[1]["stage"]), str(r[0])))
 
 
 def read_series(run: Path, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
-    """metrics.jsonl -> {key: (steps, values)} for the keys present."""
+    """metrics.jsonl -> {key: (steps, values)} for the keys present; unreadable lines are counted in one
+    warning and left out."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     path = run / "metrics.jsonl"
     if not path.is_file():
         return out
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    bad = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            bad += bool(line.strip())
+            continue
         for k in keys:
             if isinstance(row.get(k), (int, float)):
                 out.setdefault(k, ([], []))
                 out[k][0].append(row["step"])
                 out[k][1].append(row[k])
+    if bad:
+        warn(f"report: {path}: left out {bad} line(s) that are not a JSON object with a step")
     return out
 
 
@@ -112,7 +131,7 @@ def save_panels(panels: list[tuple[str, object]], draw, title: str, out_png: Pat
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)
+    tmp.replace(out_png)
 
 
 def plot_frontier(results: list[dict], comparisons: list[dict], out_png: Path) -> bool:
@@ -165,7 +184,9 @@ def build_report(paths: list[Path], out: Path) -> Path:
     body = ["<h1>RLHF run report</h1>"]
     for run, manifest in runs:
         if manifest["stage"] == "eval" and (run / "eval.json").is_file():
-            evaluation = json.loads((run / "eval.json").read_text())
+            evaluation = _eval_json(run / "eval.json")
+            if evaluation is None:
+                continue
             results = evaluation["results"]
             table, by_task = markdown_table(results), _by_task_table(results)
             md += ["## Evaluation", "", f"`{run}`", "", table, ""]
@@ -180,9 +201,11 @@ def build_report(paths: list[Path], out: Path) -> Path:
         stage = manifest["stage"]
         if stage == "eval":
             continue
-        metrics = manifest.get("metrics", {})
+        metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
         shown = [f"{k} = {_fmt(metrics[k])}" for k in KEY_METRICS.get(stage, []) if metrics.get(k) is not None]
-        line = f"wall time {manifest.get('wall_time_s', 0):.0f} s" + (", " + ", ".join(shown) if shown else "")
+        wall = manifest.get("wall_time_s")
+        wall = wall if isinstance(wall, (int, float)) and not isinstance(wall, bool) else 0
+        line = f"wall time {wall:.0f} s" + (", " + ", ".join(shown) if shown else "")
         md += [f"## {stage}: `{run}`", "", line, ""]
         body += [f"<h2>{stage}: <code>{html.escape(str(run))}</code></h2>", f"<p>{html.escape(line)}</p>"]
         png = out / f"{stage}-{run.name}.png"
@@ -190,11 +213,11 @@ def build_report(paths: list[Path], out: Path) -> Path:
             md += [f"![{stage} curves]({png.name})", ""]
             body.append(f'<img src="{png.name}" alt="{stage} curves" style="max-width:100%">')
     readme = out / "README.md"
-    _write_atomic(readme, "\n".join(md) + "\n")
+    write_text_atomic(readme, "\n".join(md) + "\n")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}")
-    _write_atomic(out / "index.html", f"<!doctype html><html><head><meta charset='utf-8'><title>RLHF report</title>"
-                                      f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    write_text_atomic(out / "index.html", f"<!doctype html><html><head><meta charset='utf-8'><title>RLHF report"
+                                          f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     return readme
 
 
@@ -216,18 +239,24 @@ def _judge_and_frontier(run: Path, evaluation: dict, out: Path) -> tuple[list[st
     return md, body
 
 
+def _eval_json(path: Path) -> dict | None:
+    """An eval.json whose `results` are objects naming a model; None (with a warning) when it is not one."""
+    try:
+        evaluation = json.loads(path.read_text(encoding="utf-8"))
+        if not all(isinstance(r, dict) and "model" in r for r in evaluation["results"]):
+            raise TypeError("a result is not an object with a model")
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as err:
+        warn(f"report: skipping the evaluation table of {path} ({describe(err)})")
+        return None
+    return evaluation
+
+
 def _html_table(markdown: str) -> str:
     rows = [r.strip().strip("|").split("|") for r in markdown.splitlines() if r.strip() and "---" not in r]
     head, rest = rows[0], rows[1:]
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
     body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rest)
     return "<table><tr>" + cells(head, "th") + "</tr>" + body + "</table>"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
@@ -18,7 +19,8 @@ from rlhf.models import (ScalarHead, count_parameters, disable_dropout, load_fro
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.rollout import generate_batches, row_keys
 from rlhf.runtime import global_sums
-from rlhf.scoring import RewardScorer, load_scorer
+from rlhf.saving import save_model
+from rlhf.scoring import RewardScorer, load_scorer, read_reward_stats
 
 @dataclass
 class Roles:
@@ -36,9 +38,20 @@ def check_launch(accelerator, ppo) -> None:
                         "ppo.advantage_estimator", None, "ppo.advantage_estimator")
 
 
+def check_reward_stats(ppo) -> None:
+    """`ppo.reward_stats: rm_data` takes the mean/std an rm run stores (an export keeps them, also on the hub): a
+    reward model without them is a one-line error before any model loads."""
+    if ppo.reward_model and ppo.normalize_reward and ppo.reward_stats == "rm_data" and \
+            read_reward_stats(ppo.reward_model) is None:
+        raise UserError(f"{ppo.reward_model} stores no mean/std of its scores (an rm run of this pipeline, or its "
+                        "export, does); set ppo.reward_stats: policy to measure them on the starting policy's samples, "
+                        "or ppo.normalize_reward: false", None, "ppo.reward_stats")
+
+
 def load_roles(recipe, tokenizer, device) -> Roles:
     """Load the models a recipe needs, dropout off, actor and critic in train mode."""
     model_section, ppo, lora = recipe.model, recipe.ppo, recipe.lora
+    check_reward_stats(ppo)
     actor = load_trainable(model_section, lora, tokenizer)
     reference = load_frozen(model_section, tokenizer, device) if lora is None else None
     scorer = load_scorer(ppo.reward_model, device, dtype=model_section.dtype, key="ppo.reward_model") \
@@ -75,18 +88,19 @@ def prepare_training(accelerator, roles: Roles, ppo, train, iterations: int) -> 
     return dict(zip(trained, prepared[:len(trained)])), dict(zip(optimizers, prepared[len(trained):])), schedulers
 
 
-def reward_scale(accelerator, recipe, roles: Roles, critic, policy, prompts: list[dict], tokenizer) -> dict | None:
+def reward_scale(accelerator, recipe, roles: Roles, critic, policy, prompts: list[dict], tokenizer, stop_ids: list[int],
+                 fmt) -> dict | None:
     """At the start of a run: the statistics that normalize the reward model's scores (`reward_stats_of`), and a
     critic copied from the reward model put on that scale (`fold_normalization`). Returns the statistics."""
     stats = reward_stats_of(accelerator, recipe.ppo, roles.scorer, policy, prompts, recipe.generate, tokenizer,
-                            recipe.seed)
+                            recipe.seed, stop_ids, fmt)
     if stats and critic is not None and recipe.ppo.critic_init == "reward":
         fold_normalization(accelerator.unwrap_model(critic), stats["mean"], stats["std"])
     return stats
 
 
-def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], generate, tokenizer, seed: int
-                    ) -> dict | None:
+def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], generate, tokenizer, seed: int,
+                    stop_ids: list[int], fmt) -> dict | None:
     """The mean/std that normalize reward-model scores in this run (None: `ppo.normalize_reward` is off, or there
     is no reward model).
 
@@ -95,14 +109,11 @@ def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], gener
     so that its normalized scores have mean 0 and std 1 and `kl_coef`, `missing_eos_penalty` and `reward_clip`
     mean the same for any reward model: the first `ppo.reward_stats_prompts` prompts of the first epoch's order
     (default: the first rollout batch, each prompt's `samples_per_prompt` responses sampled with that rollout's
-    noise), sharded over the processes."""
+    noise), sharded over the processes. `stop_ids`: where the policy's responses end; `fmt`: the prompts' format."""
     if not ppo.normalize_reward or scorer is None:
         return None
     if ppo.reward_stats == "rm_data":
-        if scorer.stored_stats is None:
-            raise UserError(f"{ppo.reward_model} stores no mean/std of its scores (it is not an rm run); set "
-                            "ppo.reward_stats: policy to measure them, or ppo.normalize_reward: false", None,
-                            "ppo.reward_stats")
+        check_reward_stats(ppo)
         return dict(scorer.stored_stats)
     world, rank, k = accelerator.num_processes, accelerator.process_index, ppo.samples_per_prompt
     count = min(ppo.reward_stats_prompts or ppo.rollout_batch_size, len(prompts))
@@ -110,17 +121,26 @@ def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], gener
     mine = (plan_batches(len(prompts), count, shard, rank, world, seed, 0, 0) or [[]])[0]
     rows, keys = episodes(mine, k)
     raw = [torch.zeros(0, device=accelerator.device)]
-    for start, gen in generate_batches(policy, [prompts[i]["prompt_ids"] for i in rows], generate,
-                                       tokenizer.eos_token_id, tokenizer.pad_token_id, accelerator.device,
+    for start, gen in generate_batches(policy, [prompts[i]["prompt_ids"] for i in rows], generate, stop_ids,
+                                       tokenizer.pad_token_id, accelerator.device,
                                        row_keys(seed, 0, keys, accelerator.device), synced=True,
                                        min_batches=-(-shard * k // generate.batch_size)):
         chunk = rows[start:start + generate.batch_size]  # empty for a synced placeholder call
-        raw.append(scorer.score_generation(gen, [prompts[i]["prompt"] for i in chunk], tokenizer)[:len(chunk)])
+        raw.append(scorer.score_generation(gen, [prompts[i] for i in chunk], tokenizer, fmt)[:len(chunk)])
     raw = torch.cat(raw).float()
     total = global_sums(accelerator, {"n": raw.numel(), "sum": raw.sum(), "sq": (raw ** 2).sum()})
     mean = total["sum"] / max(total["n"], 1.0)
     std = math.sqrt(max(total["sq"] / max(total["n"], 1.0) - mean ** 2, 1e-12))
     return {"mean": mean, "std": max(std, 1e-6), "count": int(total["n"]), "fitted_on": "policy"}
+
+
+def rollout_rows(n_prompts: int, ppo, iteration: int, rank: int, world: int, seed: int) -> tuple[list, list]:
+    """This process's rows of iteration `iteration` (`episodes` of its share of the epoch's prompt order, which
+    `rlhf.data.plan_batches` deals out), and the indices their sampling noise is keyed by."""
+    per_epoch = n_prompts // ppo.rollout_batch_size
+    (mine,) = plan_batches(n_prompts, ppo.rollout_batch_size, ppo.rollout_batch_size // world, rank, world, seed,
+                           iteration // per_epoch, iteration % per_epoch)
+    return episodes(mine, ppo.samples_per_prompt)
 
 
 def episodes(prompt_indices: list[int], samples_per_prompt: int) -> tuple[list[int], list[int]]:
@@ -142,6 +162,17 @@ def fold_normalization(critic: ScalarHead, mean: float, std: float) -> None:
         if getattr(head, "bias", None) is not None:
             head.bias.div_(std)
         critic.bias.fill_(-mean / std)
+
+
+def save_trained(accelerator, folder: Path, actor, critic, tokenizer, recipe) -> dict:
+    """Save the actor in `folder/model` (an adapter on the starting model, or full) and the critic in
+    `folder/critic` (an adapter on its backbone's model, or full); returns their manifest entries."""
+    model_section, ppo = recipe.model, recipe.ppo
+    out = {"model_info": save_model(accelerator, actor, tokenizer, folder / "model", base=model_section.name_or_path)}
+    if critic is not None:
+        base = ppo.reward_model if ppo.critic_init == "reward" else model_section.name_or_path
+        out["critic_info"] = save_model(accelerator, critic, tokenizer, folder / "critic", base=base)
+    return out
 
 
 def memory_report(roles: Roles, device) -> str:

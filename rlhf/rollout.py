@@ -1,10 +1,11 @@
 """Rollout engines: sample responses for a batch of left-padded prompts.
 
-An engine is a function `(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys=, synced=) ->
+An engine is a function `(model, input_ids, attention_mask, cfg, stop_ids, pad_id, keys=, synced=) ->
 Generation`; `ENGINES` maps the names a recipe's `generate.engine` takes to them, so a faster engine
-(vLLM, a CUDA-graph decoder) can be added without touching the stages. Every engine returns responses
-truncated after the first EOS and right-padded with the pad token, with a mask that is 1 on real
-response tokens (EOS included).
+(vLLM, a CUDA-graph decoder) can be added without touching the stages. `stop_ids` are every id that ends a
+response (`rlhf.models.stop_token_ids`: EOS, the generation config's list, the chat template's end of turn
+such as `<|im_end|>`). Every engine returns responses truncated after the first stop id and right-padded
+with the pad token, with a mask that is 1 on real response tokens (the stop token included).
 
 `synced=True` says that every process calls the engine together (PPO's rollouts and gold evaluation):
 with sharded weights (FSDP) each forward gathers them from every process, so all processes must run the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,8 @@ from rlhf.losses import prepare_logits
 class Generation:
     sequences: torch.Tensor  # (B, P + A) prompt (left-padded) + response (right-padded)
     attention_mask: torch.Tensor  # (B, P + A)
-    response_mask: torch.Tensor  # (B, A) 1 on response tokens up to and including the first EOS
-    ended: torch.Tensor  # (B,) True where the response contains EOS
+    response_mask: torch.Tensor  # (B, A) 1 on response tokens up to and including the first stop token
+    ended: torch.Tensor  # (B,) True where the response contains a stop token (EOS or end of turn)
     prompt_width: int  # P
 
     @property
@@ -44,29 +45,37 @@ def decode_responses(tokenizer, gen: Generation) -> list[str]:
 
 
 def processes() -> int:
-    """Processes in the default torch.distributed group (1 when it is not initialised)."""
+    """Processes in the default torch.distributed group (1 when it is not initialized)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                       torch.Tensor]:
-    """Keep tokens up to and including the first EOS; pad the rest. (B, A) -> (responses, mask, ended)."""
-    is_eos = responses == eos_id
-    ended = is_eos.any(-1)
-    # position of the first EOS (A when there is none); tokens at or before it are real
-    first = torch.where(ended, is_eos.float().argmax(-1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
+def is_stop(tokens: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """Where `tokens` is one of `stop_ids` (any shape -> bool of the same shape)."""
+    return torch.isin(tokens, torch.as_tensor(list(stop_ids), dtype=tokens.dtype, device=tokens.device))
+
+
+def truncate_after_eos(responses: torch.Tensor, stop_ids: Sequence[int], pad_id: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep tokens up to and including the first stop token (any of `stop_ids`); pad the rest.
+    (B, A) -> (responses, mask, ended)."""
+    stops = is_stop(responses, stop_ids)
+    ended = stops.any(-1)
+    # position of the first stop token (A when there is none); tokens at or before it are real
+    first = torch.where(ended, stops.float().argmax(-1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
     positions = torch.arange(responses.shape[1], device=responses.device)
     mask = positions[None, :] <= first[:, None]
     return responses.masked_fill(~mask, pad_id), mask.long(), ended
 
 
-def hf_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, keys: torch.Tensor | None = None,
-                synced: bool = False, static_cache: bool = False) -> Generation:
-    """transformers' `generate` (KV cache; a static, compilable cache on GPU when asked). Its sampling
-    draws from torch's global generator: samples depend on batching and process count (`keys` unused)."""
+def hf_generate(model, input_ids, attention_mask, cfg, stop_ids: Sequence[int], pad_id: int,
+                keys: torch.Tensor | None = None, synced: bool = False, static_cache: bool = False) -> Generation:
+    """transformers' `generate` (KV cache; a static, compilable cache on GPU when asked), stopping a row at any
+    of `stop_ids`. Its sampling draws from torch's global generator: samples depend on batching and process
+    count (`keys` unused)."""
     sample = cfg.temperature > 0
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=eos_id, pad_token_id=pad_id,
-                  suppress_tokens=[pad_id], use_cache=True, synced_gpus=synced and processes() > 1)
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=list(stop_ids),
+                  pad_token_id=pad_id, suppress_tokens=[pad_id], use_cache=True,
+                  synced_gpus=synced and processes() > 1)
     if sample:  # top_k 0 / top_p 1 switch filtering off, also over a generation_config that sets them
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     if static_cache:
@@ -74,7 +83,7 @@ def hf_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int,
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     width = input_ids.shape[1]
-    responses, mask, ended = truncate_after_eos(out[:, width:], eos_id, pad_id)
+    responses, mask, ended = truncate_after_eos(out[:, width:], stop_ids, pad_id)
     if responses.shape[1] == 0:  # nothing generated at all (max_new_tokens reached instantly)
         responses = torch.full((input_ids.shape[0], 1), pad_id, device=input_ids.device)
         mask = torch.zeros_like(responses)
@@ -122,9 +131,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def seeded_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int,
+def seeded_generate(model, input_ids, attention_mask, cfg, stop_ids: Sequence[int], pad_id: int,
                     keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
-    """Our own KV-cached decoder with Gumbel-max sampling from hashed noise.
+    """Our own KV-cached decoder with Gumbel-max sampling from hashed noise; a row ends at any of `stop_ids`.
 
     Each row's sample is a function of its key (and the model), so a rollout is the same whatever the
     batch size, chunking or number of processes: 1-process and N-process PPO runs see the same samples.
@@ -155,14 +164,15 @@ def seeded_generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: 
                 nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             tokens.append(nxt)
-            done = done | (nxt == eos_id)
+            stopped = is_stop(nxt, stop_ids)
+            done = done | stopped
             if step + 1 == cfg.max_new_tokens or (step % 8 == 7 and _all_done(done, synced)):
                 break
-            mask = torch.cat([mask, (~done | (nxt == eos_id)).long()[:, None]], dim=1)
+            mask = torch.cat([mask, (~done | stopped).long()[:, None]], dim=1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
                         use_cache=True)
-    responses, rmask, ended = truncate_after_eos(torch.stack(tokens, 1), eos_id, pad_id)
+    responses, rmask, ended = truncate_after_eos(torch.stack(tokens, 1), stop_ids, pad_id)
     sequences = torch.cat([input_ids, responses], dim=1)
     return Generation(sequences, torch.cat([attention_mask, rmask], dim=1), rmask, ended, input_ids.shape[1])
 
@@ -177,23 +187,27 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
 
 
 # recipe name -> engine (`generate.engine`); every engine takes (model, input_ids, attention_mask, cfg,
-# eos_id, pad_id, keys=, synced=) and returns a Generation
+# stop_ids, pad_id, keys=, synced=) and returns a Generation
 ENGINES = {"seeded": seeded_generate, "hf": hf_generate, "hf_static": partial(hf_generate, static_cache=True)}
 
 
-def generate(model, input_ids, attention_mask, cfg, eos_id: int, pad_id: int, engine: str | None = None,
+def generate(model, input_ids, attention_mask, cfg, stop_ids: Sequence[int], pad_id: int, engine: str | None = None,
              keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
-    """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`)."""
+    """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`).
+    Prompts too long for the model's positions are cut from the left first (`data.fit_to_positions`)."""
+    from rlhf.data import fit_to_positions
+
+    input_ids, attention_mask = fit_to_positions(model, input_ids, attention_mask, cfg.max_new_tokens, pad_id)
     was_training = model.training
     model.eval()
     try:
         run = ENGINES[engine or getattr(cfg, "engine", "seeded")]
-        return run(model, input_ids, attention_mask, cfg, eos_id, pad_id, keys=keys, synced=synced)
+        return run(model, input_ids, attention_mask, cfg, stop_ids, pad_id, keys=keys, synced=synced)
     finally:
         model.train(was_training)
 
 
-def generate_batches(model, prompt_ids: list[list[int]], cfg, eos_id: int, pad_id: int, device,
+def generate_batches(model, prompt_ids: list[list[int]], cfg, stop_ids: Sequence[int], pad_id: int, device,
                      keys: torch.Tensor | None = None, engine: str | None = None, synced: bool = False,
                      min_batches: int = 0) -> Iterator[tuple[int, Generation]]:
     """Generate for `prompt_ids`, `cfg.batch_size` prompts (left-padded) at a time: yields (index of the batch's
@@ -204,26 +218,31 @@ def generate_batches(model, prompt_ids: list[list[int]], cfg, eos_id: int, pad_i
 
     size = cfg.batch_size
     for start in range(0, max(min_batches * size, len(prompt_ids)), size):
-        chunk = prompt_ids[start:start + size] or [[eos_id]]
+        chunk = prompt_ids[start:start + size] or [[stop_ids[0]]]
         batch = collate_prompts([{"prompt_ids": p} for p in chunk], pad_id)
         chunk_keys = keys[start:start + size] if keys is not None and start < len(keys) else None
-        yield start, generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg, eos_id,
-                              pad_id, engine, chunk_keys, synced)
+        yield start, generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg,
+                              stop_ids, pad_id, engine, chunk_keys, synced)
 
 
 def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine: str | None = None,
              seed: int = 0, step: int = 0, first: int = 0, batches: int = 0,
-             synced: bool = False) -> list[dict]:
-    """Decode completions for prompts: [{'completion', 'ended', 'tokens'}].
+             synced: bool = False, stop_ids: Sequence[int] | None = None) -> list[dict]:
+    """Decode completions for prompts: [{'completion', 'ended', 'tokens'}], each ending at the first of
+    `stop_ids` (default: the tokenizer's, `rlhf.models.stop_token_ids(tokenizer)`: EOS and its chat template's
+    end of turn; pass the model's own list, read from its folder, when there is one).
 
     `first`: index of prompt_ids[0] in a longer list sharded over processes (the seeded noise is keyed by
     it, so a shard decodes as the whole list would). `batches`: generate calls to make at least (see
     `generate_batches`).
     """
+    from rlhf.models import stop_token_ids
+
+    stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
     keys = row_keys(seed, step, range(first, first + len(prompt_ids)), device)
     out = []
-    for start, gen in generate_batches(model, prompt_ids, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                       device, keys, engine, synced, batches):
+    for start, gen in generate_batches(model, prompt_ids, cfg, stop_ids, tokenizer.pad_token_id, device, keys,
+                                       engine, synced, batches):
         real = prompt_ids[start:start + cfg.batch_size]
         for _, text, mask, ended in zip(real, decode_responses(tokenizer, gen), gen.response_mask, gen.ended):
             out.append({"completion": text, "ended": bool(ended), "tokens": int(mask.sum())})
@@ -263,9 +282,9 @@ def concat(gens: list[Generation], pad_id: int) -> Generation:
     return Generation(torch.cat(seqs), torch.cat(masks), torch.cat(rmasks), torch.cat([g.ended for g in gens]), p)
 
 
-def sample(model, examples: list[dict], cfg, eos_id: int, pad_id: int, device, keys: torch.Tensor | None = None,
-           engine: str | None = None, synced: bool = False) -> Generation:
+def sample(model, examples: list[dict], cfg, stop_ids: Sequence[int], pad_id: int, device,
+           keys: torch.Tensor | None = None, engine: str | None = None, synced: bool = False) -> Generation:
     """Rollouts for prompt examples ({'prompt_ids'}) as one Generation (see `generate_batches`)."""
-    gens = generate_batches(model, [e["prompt_ids"] for e in examples], cfg, eos_id, pad_id, device, keys, engine,
+    gens = generate_batches(model, [e["prompt_ids"] for e in examples], cfg, stop_ids, pad_id, device, keys, engine,
                             synced)
     return concat([gen for _, gen in gens], pad_id)

@@ -1,8 +1,9 @@
-"""Process-level setup shared by the stages: accelerator, seeding, cross-process sums, Ctrl-C."""
+"""Process-level setup shared by the stages: accelerator, seeding, cross-process sums, Ctrl-C and SIGTERM."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 
@@ -11,6 +12,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from rlhf import tracking
+
+from rlhf.errors import Interrupted
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -90,28 +93,42 @@ def global_sums(accelerator: Accelerator, values: dict[str, torch.Tensor | float
 
 
 class Interrupt:
-    """Turns the first Ctrl-C into a flag the loop checks after each step (a second one aborts)."""
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM (what schedulers, `docker stop` and Kubernetes send) into
+    a flag the loop checks after each step: it saves a checkpoint and raises `Interrupted`, which leaves
+    this block carrying the signal (the CLI exits with 128 + its number). A second signal of either kind
+    ends the process at once, without a checkpoint.
+
+    Under a multi-process launch every process gets the signal; the loops sum `requested` over processes,
+    so all of them checkpoint at the same step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self):
-        self._previous = signal.getsignal(signal.SIGINT)
-
         def handler(signum, frame):
+            name = signal.Signals(signum).name
             if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+                print(f"\n{name} again: stopping at once, without a checkpoint", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            self.requested, self.signum = True, signum
+            print(f"\n{name}: saving a checkpoint after this step (send it again to stop at once)", file=sys.stderr)
 
-        try:
-            signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                break
         return self
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def __exit__(self, exc_type, exc, tb):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+        if isinstance(exc, Interrupted) and exc.signum is None:
+            exc.signum = self.signum
         return False

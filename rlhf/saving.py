@@ -1,9 +1,10 @@
 """Saving trained models as plain Hugging Face folders, and checking what was written.
 
 Every model folder a stage writes goes through `save_model`: an HF folder (full model or peft adapter)
-with the tokenizer and a generation config with pad != eos, then `verify_model_dir` reloads it (tensors
-present, non-empty, finite; config and tokenizer load). `fingerprint` records the in-memory model's
-outputs on a fixed probe so that a reload can be compared with the model as it was at the end of training.
+with the tokenizer and a generation config with pad != eos and every stop id, then `verify_model_dir`
+reloads it (tensors present, non-empty, finite; config and tokenizer load). `fingerprint` records the
+in-memory model's outputs on a fixed probe so that a reload can be compared with the model as it was at the
+end of training.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from rlhf.artifacts import write_json_atomic
-from rlhf.models import STATS_FILE, ScalarHead, hf_model, model_dir
+from rlhf.models import STATS_FILE, ScalarHead, hf_model, model_dir, stop_token_ids
 
 def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str | None = None) -> dict:
     """Write `path` as an HF folder: a peft adapter (its `base_model_name_or_path` = `base`) or a full
@@ -67,13 +68,21 @@ def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str |
             write_json_atomic(path / STATS_FILE, {"mean": -offset, "std": 1.0, "fitted_on": "critic output offset"})
         gen = getattr(hf, "generation_config", None)
         if task == "causal_lm" and gen is not None:
-            gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-            if tokenizer.bos_token_id is not None:
-                gen.bos_token_id = tokenizer.bos_token_id
+            set_generation_ids(gen, tokenizer, stop_token_ids(tokenizer, gen))
             gen.save_pretrained(str(path))
         verify_model_dir(path, info)
     accelerator.wait_for_everyone()
     return info
+
+
+def set_generation_ids(gen, tokenizer, stop_ids: list[int]) -> None:
+    """The special ids of a generation config that is saved with a model: pad (never EOS), BOS, and every stop
+    id as `eos_token_id` (a list when there are several, e.g. EOS and the chat template's end of turn, so that
+    plain `generate` stops where our engines do; one id stays an int)."""
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.eos_token_id = list(stop_ids) if len(stop_ids) > 1 else stop_ids[0]
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
 
 
 def _vocab_size(base_dir: str | None) -> int | None:

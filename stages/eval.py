@@ -4,9 +4,10 @@ For each model (base, sft, ppo, dpo, ...): gold accuracy of sampled completions 
 stages optimize) and of greedy ones, when prompts carry the task suite's answers; mean reward-model
 score; KL to the reference (the sft model): the mean over prompts of sum_t [log pi(y_t) - log ref(y_t)]
 on the model's own samples (an unbiased estimate of KL(pi || ref) per response); mean response length;
-EOS rate; a few sample completions. With `eval.judge`, every model is compared with the baseline model
-prompt by prompt under the judge (win / tie / loss rates with bootstrap intervals, both sides' response
-length), on any prompt file, gold or not. Writes `eval.json` and `eval.md`.
+EOS rate (responses that end at one of the model's stop tokens: EOS, the chat template's end of turn); a few
+sample completions. With `eval.judge`, every model is compared with the baseline model prompt by prompt under the
+judge (win / tie / loss rates with bootstrap intervals, both sides' response length), on any prompt file, gold or
+not. Writes `eval.json` and `eval.md`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from data_formats.chat import make_format
 from data_formats.tasks import grade, has_gold
 from rlhf.artifacts import RunFolder, check_parents, write_json_atomic
 from rlhf.card import markdown_table, percent, win_rate_table
 from rlhf.data import encode_prompts, read_prompts
 from rlhf.forward import response_logprobs
-from rlhf.models import load_model, load_tokenizer
+from rlhf.models import load_model, load_tokenizer, stop_token_ids
 from rlhf.recipes import EvalRecipe
 from rlhf.rollout import decode_responses, generate_batches, row_keys
 from rlhf.runtime import partial_state, seed_everything
@@ -30,17 +32,18 @@ from rlhf.stats import win_rates
 
 
 def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device, scorer, reference, greedy: bool,
-                   shown: int, seed: int = 0, judge=None) -> dict:
-    """All figures for one model on `prompts` ({'prompt_ids', 'meta', 'prompt'}); with a `judge`, also its score of
-    every response ('judge_scores') and the responses themselves, in prompt order."""
+                   shown: int, seed: int = 0, judge=None, stop_ids: list[int] | None = None, fmt=None) -> dict:
+    """All figures for one model on `prompts` ({'prompt_ids', 'meta', 'prompt', 'record'}): its responses end at
+    any of `stop_ids` (default: the tokenizer's EOS and end of turn); `fmt`: the format the prompts are in. With a
+    `judge`, also its score of every response ('judge_scores') and the responses themselves, in prompt order."""
     correct, scores, kls, lengths, ended, samples, responses, judged = [], [], [], [], [], [], [], []
     by_task: dict[str, list[bool]] = {}
     gold = [has_gold(p["meta"]) for p in prompts]
     temperature = cfg.temperature or 1.0
     ids = [p["prompt_ids"] for p in prompts]
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stop_ids, pad_id = stop_ids or stop_token_ids(tokenizer), tokenizer.pad_token_id
     keys = row_keys(seed, 0, range(len(prompts)), device)  # every model draws the same per-prompt noise
-    for start, gen in generate_batches(model, ids, cfg, eos_id, pad_id, device, keys):
+    for start, gen in generate_batches(model, ids, cfg, stop_ids, pad_id, device, keys):
         chunk = prompts[start:start + cfg.batch_size]
         texts = decode_responses(tokenizer, gen)
         responses += texts
@@ -53,12 +56,11 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
                 by_task.setdefault(p["meta"]["task"], []).append(correct[-1])
             if len(samples) < shown:
                 samples.append({"prompt": p["prompt"], "completion": text})
-        texts_in = [p["prompt"] for p in chunk]
         if scorer is not None:
-            scores += scorer.score_generation(gen, texts_in, tokenizer).tolist()
+            scores += scorer.score_generation(gen, chunk, tokenizer, fmt).tolist()
         if judge is not None:
             judged += scores[-len(chunk):] if judge is scorer else \
-                judge.score_generation(gen, texts_in, tokenizer).tolist()
+                judge.score_generation(gen, chunk, tokenizer, fmt).tolist()
         if reference is not None:
             with torch.no_grad():
                 # both under the distribution sampled from: the temperature, the pad token forbidden
@@ -69,7 +71,7 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
             kls += ((lp - ref_lp) * mask).sum(-1).tolist()
     greedy_correct = []
     if greedy and any(gold):
-        for start, gen in generate_batches(model, ids, replace(cfg, temperature=0.0), eos_id, pad_id, device):
+        for start, gen in generate_batches(model, ids, replace(cfg, temperature=0.0), stop_ids, pad_id, device):
             for p, text in zip(prompts[start:start + cfg.batch_size], decode_responses(tokenizer, gen)):
                 if has_gold(p["meta"]):
                     greedy_correct.append(grade(p["meta"], text))
@@ -159,7 +161,9 @@ def run(recipe: EvalRecipe) -> Path:
             ref = reference if same_vocab else None  # KL needs the same token ids
             # every model draws the same per-prompt noise (seeded decoder), so differences are the models'
             result = evaluate_model(name, model, tokenizer, prompts, recipe.generate, device, scorer, ref,
-                                    section.greedy, section.samples_shown, recipe.seed, judge)
+                                    section.greedy, section.samples_shown, recipe.seed, judge,
+                                    stop_token_ids(tokenizer, spec),
+                                    make_format(section.template, tokenizer, "eval.template"))
             results.append(result)
             folder.input(key, spec)
             print(f"eval {name}: gold {result['gold_accuracy']}, greedy {result['gold_accuracy_greedy']}, "

@@ -3,27 +3,31 @@
 1. Load the source's adapter on its (recursively merged) parent, unmerged, in float32: the reference.
 2. Merge (`merge_and_unload`) in float32 and compare logits and greedy generations with the reference.
 3. Cast to the export dtype and compare logits again (dtype-appropriate tolerance).
-4. Save safetensors shards, tokenizer, generation config (pad != eos) and README.md (model card).
+4. Save safetensors shards, tokenizer, generation config (pad != eos, every stop id) and README.md (model card).
 5. Only if everything above passed and the folder is in place: push with huggingface_hub.
-A failed check stops the export (exit 2) before anything is written or pushed.
+A failed check stops the export (exit 2) before anything is written or pushed. A failed push leaves the
+finished export; the same command with `resume=true` pushes it then.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from data_formats.templates import load_template
-from rlhf.artifacts import RunFolder, check_parents, read_manifest, write_json_atomic
-from rlhf.card import inference_template, lineage, model_card
-from rlhf.data import encode_prompts, read_prompts
+from data_formats.chat import CHAT, make_format, user_message
+from data_formats.schemas import PromptRecord
+from rlhf.artifacts import RunFolder, check_parents, read_manifest
+from rlhf.card import chat_usage, lineage, model_card
+from rlhf.data import encode_prompts, fit_prompt, model_positions, read_prompts
 from rlhf.errors import UserError
-from rlhf.models import DTYPES, STATS_FILE, hf_model, load_model, load_tokenizer, model_dir, model_info
+from rlhf.hub import push_run
+from rlhf.models import DTYPES, STATS_FILE, hf_model, load_model, load_tokenizer, model_dir, model_info, stop_token_ids
 from rlhf.runtime import partial_state
-from rlhf.saving import verify_model_dir
+from rlhf.saving import set_generation_ids, verify_model_dir
 from rlhf.recipes import ExportRecipe
 
 # max |logit difference| allowed, relative to max(1, max |logit|): merge in float32, then the cast
@@ -32,19 +36,22 @@ BUILTIN_PROMPTS = ["Give three tips for staying healthy.", "Reverse the list.\n\
                    "What is the capital of France?", "Write a haiku about autumn.", "Sort the list.\n\nd b a"]
 
 
-def forward_figures(model, tokenizer, prompts: list[list[int]], new_tokens: int, causal: bool) -> list[dict]:
-    """Per prompt: last-layer outputs (logits or scores) and greedy continuation token ids."""
+def forward_figures(model, tokenizer, prompts: list[list[int]], new_tokens: int, causal: bool,
+                    stop_ids: list[int]) -> list[dict]:
+    """Per prompt: last-layer outputs (logits or scores) and greedy continuation token ids (up to a stop id).
+    Prompts are cut from the left to leave room for the new tokens within the model's positions."""
     out = []
+    positions = model_positions(model)
     with torch.no_grad():
         for ids in prompts:
-            x = torch.tensor([ids])
+            x = torch.tensor([fit_prompt(ids, positions, new_tokens if causal else 0, tokenizer.bos_token_id)])
             logits = model(input_ids=x).logits.float()[0]
             greedy = []
             if causal:
                 gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                                      do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
-                greedy = gen[0, len(ids):].tolist()
+                                     eos_token_id=stop_ids)
+                greedy = gen[0, x.shape[1]:].tolist()
             out.append({"logits": logits, "greedy": greedy})
     return out
 
@@ -60,9 +67,11 @@ def compare(a: list[dict], b: list[dict], tol: float) -> dict:
 def run(recipe: ExportRecipe) -> Path:
     state = partial_state()
     folder = RunFolder(recipe, state.is_main_process, state.wait_for_everyone)
-    if folder.finished:
-        return folder.final
     export = recipe.export
+    if folder.finished:
+        if export.push_to_hub and state.is_main_process:
+            push_run(folder.final, export)  # a push that failed before is retried; a done one is not repeated
+        return folder.final
     check_parents(recipe)
     model_dir(recipe.source, "source")  # a missing source is a one-line error
     info = model_info(recipe.source, "source")
@@ -71,16 +80,19 @@ def run(recipe: ExportRecipe) -> Path:
     chain = lineage(recipe.source)
     folder.input("source", recipe.source)
 
-    # --- parity prompts --------------------------------------------------------------------------------
+    # --- parity prompts, in the format the model was trained with (its tokenizer's chat template) ---------
+    template = CHAT if tokenizer.chat_template else "alpaca"
     if export.parity_prompts:
-        records = read_prompts(export.parity_prompts, "export.parity_prompts", recipe.seed)
-        prompts = [p["prompt_ids"] for p in encode_prompts(records, tokenizer, 256)[0]]
+        records = read_prompts(export.parity_prompts, "export.parity_prompts", recipe.seed, template,
+                               "export.parity_prompts", tokenizer=tokenizer)
     else:
-        template = load_template("alpaca")
-        text = inference_template(chain)
-        render = (lambda s: text.format(instruction=s)) if text else (lambda s: template.render(s))
-        prompts = tokenizer([render(p) for p in BUILTIN_PROMPTS])["input_ids"]
-    prompts = prompts[: export.parity_count]
+        fmt = make_format(template, tokenizer, "source")
+        records = [PromptRecord("built-in", fmt.prompt([user_message(p)], "built-in"), {}, fmt.special_tokens)
+                   for p in BUILTIN_PROMPTS]
+    prompts = [p["prompt_ids"] for p in encode_prompts(records, tokenizer, 256)[0]][: export.parity_count]
+    stop_ids = stop_token_ids(tokenizer, recipe.source)
+    figures = partial(forward_figures, tokenizer=tokenizer, prompts=prompts, new_tokens=export.parity_new_tokens,
+                      causal=causal, stop_ids=stop_ids)
 
     # --- 1-3: unmerged reference, float32 merge, cast ------------------------------------------------------
     if info["kind"] == "adapter":
@@ -89,18 +101,16 @@ def run(recipe: ExportRecipe) -> Path:
         base = load_model(info["base"], "source", task=info.get("task", "causal_lm"), dtype="float32",
                           trust_remote_code=export.trust_remote_code, vocab=len(tokenizer))
         model = PeftModel.from_pretrained(base, model_dir(recipe.source, "source")[0]).eval()
-        reference = forward_figures(model, tokenizer, prompts, export.parity_new_tokens, causal)
+        reference = figures(model)
         model = model.merge_and_unload()
-        merge_check = compare(reference, forward_figures(model, tokenizer, prompts, export.parity_new_tokens, causal),
-                              TOLERANCE["float32"])
+        merge_check = compare(reference, figures(model), TOLERANCE["float32"])
     else:
         model = load_model(recipe.source, "source", task=info.get("task", "causal_lm"), dtype="float32",
                            trust_remote_code=export.trust_remote_code, vocab=len(tokenizer)).eval()
-        reference = forward_figures(model, tokenizer, prompts, export.parity_new_tokens, causal)
+        reference = figures(model)
         merge_check = None
     model = model.to(DTYPES[export.dtype])
-    cast_check = compare(reference, forward_figures(model, tokenizer, prompts, export.parity_new_tokens, causal),
-                         TOLERANCE[export.dtype])
+    cast_check = compare(reference, figures(model), TOLERANCE[export.dtype])
     parity = {"prompts": len(prompts), "merge_fp32": merge_check, "cast": cast_check}
     failed = [name for name, c in (("merge", merge_check), ("cast", cast_check)) if c and not c["logits_ok"]]
     if merge_check and merge_check["greedy_match"] < 1.0:
@@ -117,15 +127,14 @@ def run(recipe: ExportRecipe) -> Path:
         hf.save_pretrained(str(out), safe_serialization=True, max_shard_size=export.max_shard_size)
         tokenizer.save_pretrained(str(out))
         if causal:
-            gen = hf.generation_config
-            gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-            gen.bos_token_id = tokenizer.bos_token_id
-            gen.save_pretrained(str(out))
+            set_generation_ids(hf.generation_config, tokenizer, stop_ids)
+            hf.generation_config.save_pretrained(str(out))
         stats = Path(recipe.source) / STATS_FILE
         if stats.is_file():  # reward models keep their normalization next to the weights
             shutil.copy(stats, out / STATS_FILE)
         eval_results = _eval_results_for(recipe.source)
-        (out / "README.md").write_text(model_card(chain, vars(export), parity, eval_results))
+        (out / "README.md").write_text(model_card(chain, vars(export), parity, eval_results,
+                                                  chat_usage(tokenizer, stop_ids) if causal else None))
         verify_model_dir(out, {"kind": "full"})  # shards present, non-empty, finite; config and tokenizer load
     final = folder.finish({"parity/cast_max_abs_logit_diff": cast_check["max_abs_logit_diff"]},
                           extra={"parity": parity, "model_info": {"kind": "full", "task": info.get("task")},
@@ -134,13 +143,7 @@ def run(recipe: ExportRecipe) -> Path:
 
     # --- 5: push (after the local export is complete and intact) ---------------------------------------
     if export.push_to_hub and state.is_main_process:
-        from rlhf.hub import push_folder
-
-        result = push_folder(final / "model", export.hub_repo_id, private=export.private, revision=export.revision,
-                             commit_message=export.commit_message)
-        manifest = read_manifest(final)
-        manifest["pushed"] = result
-        write_json_atomic(final / "manifest.json", manifest)
+        push_run(final, export)
     return final
 
 
@@ -148,7 +151,10 @@ def _eval_results_for(source: str) -> list[dict] | None:
     """Eval figures of this model from a sibling eval run folder (the demo layout), if there is one."""
     src = str(Path(source).resolve())
     for candidate in Path(source).resolve().parent.glob("*/manifest.json"):
-        manifest = json.loads(candidate.read_text())
+        try:
+            manifest = read_manifest(candidate.parent)
+        except UserError:  # a damaged neighbour is no reason to fail an export
+            continue
         if manifest.get("stage") != "eval":
             continue
         models = manifest.get("recipe", {}).get("eval", {}).get("models", {})

@@ -1,7 +1,7 @@
 """`ppo` stage: PPO with actor, critic, frozen reference and frozen reward model, written out by hand.
 
 Each iteration, in the textbook order (Ouyang et al. 2022; the seeds' walk-through, 004):
-  1. rollout   the actor samples responses (truncated after the first EOS)
+  1. rollout   the actor samples responses (truncated after the first stop token: EOS, end of turn)
   2. score     the frozen reward model scores prompt+response once (normalized, EOS penalty, clipped)
   3. old pass  actor logprobs, reference logprobs and critic values per response token (no grad)
   4. rewards   r_t = -kl_coef * kl_t, plus the score at the last response token
@@ -20,21 +20,22 @@ from pathlib import Path
 
 import torch
 
+from data_formats.chat import make_format
 from rlhf.artifacts import RunFolder, check_parents
-from rlhf.data import plan_batches
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
-from rlhf.models import tokenizer_for
+from rlhf.data import warn_long_prompts
+from rlhf.models import stop_token_ids, tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
 from rlhf.ppo import (ADVANTAGES, Experience, filtered_sampling_warning, global_whiten_stats, iterations_of,
                       load_prompts, no_grad_passes, rollout_metrics, score_rollout, shape_scores, update, whitened)
 from rlhf.rewards import load_reward_fn
-from rlhf.roles import check_launch, episodes, load_roles, memory_report, prepare_training, reward_scale
+from rlhf.roles import (check_launch, load_roles, memory_report, prepare_training, reward_scale, rollout_rows,
+                        save_trained)
 from rlhf.recipes import PPORecipe, derived
 from rlhf.rollout import row_keys, sample
 from rlhf.runtime import make_accelerator, seed_everything
-from rlhf.saving import save_model
 from rlhf.scaffold import Scaffold, Stopwatch
 
 
@@ -48,15 +49,19 @@ def run(recipe: PPORecipe) -> Path:
     check_parents(recipe)
     model_section, ppo, generate, train = recipe.model, recipe.ppo, recipe.generate, recipe.train
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    k, episodes_per_iteration = ppo.samples_per_prompt, ppo.rollout_batch_size * ppo.samples_per_prompt
+    episodes_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt  # k responses to each prompt
     reward_fn = load_reward_fn(ppo.reward_fn) if ppo.reward_fn else None  # import problems before any model loads
 
     # --- data: prompts (and gold-scored held-out prompts for the monitor) ---------------------------------------
     tokenizer = tokenizer_for(model_section, recipe.data.template)
     prompts, gold_prompts = load_prompts(recipe, tokenizer, folder)
+    # responses end at any stop id (EOS, the chat template's end of turn); the prompts' format, for a reward model
+    # that reads another one
+    stop_ids, fmt = stop_token_ids(tokenizer, model_section.name_or_path), make_format(recipe.data.template, tokenizer)
 
     # --- the roles: actor (and critic) trained, reference and reward model frozen ------------------------------
     roles = load_roles(recipe, tokenizer, device)  # under LoRA the reference is the actor, adapter disabled
+    warn_long_prompts(prompts, roles.actor, generate.max_new_tokens)  # generation cuts them from the left
     if accelerator.is_main_process:
         print("\n".join(filter(None, [memory_report(roles, device), filtered_sampling_warning(generate)])),
               file=sys.stderr)
@@ -69,31 +74,30 @@ def run(recipe: PPORecipe) -> Path:
     scaffold = Scaffold(accelerator, folder, train, iterations, "ppo", models, optimizers, schedulers,
                         {"kl_controller": kl_ctl, "monitor": monitor, "guard": guard}, unit="iteration")
     if scaffold.step == 0:  # a fresh run: the statistics that normalize scores (and the critic on their scale)
-        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, policy, prompts, tokenizer)
+        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, policy, prompts, tokenizer,
+                                                      stop_ids, fmt)
     if roles.scorer is not None:
         roles.scorer.use_stats(scaffold.state["reward_stats"])
     gold = partial(gold_check, accelerator, policy, tokenizer, gold_prompts, generate, roles.scorer, recipe.seed,
-                   monitor)
+                   monitor, stop_ids)
     if gold_prompts and scaffold.step == 0:
         scaffold.log(0, gold(0, 0.0))  # the starting policy: the baseline the monitor compares against
     # log-probs under the distribution sampled from: its temperature (greedy PPO is refused at load), no pad token
     temperature, suppress_ids = generate.temperature, (tokenizer.pad_token_id,)
-    per_rank, per_epoch = ppo.rollout_batch_size // world, len(prompts) // ppo.rollout_batch_size
 
     for it in scaffold.steps():
-        (mine,) = plan_batches(len(prompts), ppo.rollout_batch_size, per_rank, rank, world, recipe.seed,
-                               it // per_epoch, it % per_epoch)
-        rows, keys = episodes(mine, k)  # k responses per prompt, each with its own noise
+        rows, keys = rollout_rows(len(prompts), ppo, it, rank, world, recipe.seed)  # k rows per prompt
         batch, watch = [prompts[i] for i in rows], Stopwatch()
 
         # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
         with watch("time/generate_s"):
-            gen = sample(policy, batch, generate, tokenizer.eos_token_id, tokenizer.pad_token_id, device,
+            gen = sample(policy, batch, generate, stop_ids, tokenizer.pad_token_id, device,
                          row_keys(recipe.seed, it, keys, device), synced=True)
 
         # 2. score prompt+response once: the frozen reward model and/or the reward function
         with watch("time/score_s"):
-            raw_scores, sources = score_rollout(roles.scorer, reward_fn, ppo.reward_weights, gen, batch, tokenizer)
+            raw_scores, sources = score_rollout(roles.scorer, reward_fn, ppo.reward_weights, gen, batch, tokenizer,
+                                                fmt)
             scores = shape_scores(raw_scores, gen.ended, ppo.missing_eos_penalty, ppo.reward_clip)
 
         # 3. old logprobs (actor), reference logprobs, values (critic): no grad
@@ -109,7 +113,7 @@ def run(recipe: PPORecipe) -> Path:
         # 4. rewards: -kl_coef * KL per token (kl_in: reward), the score at the last token; 5. advantages
         kl = per_token_kl(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
         rewards = kl_penalized_rewards(scores, kl, mask, kl_ctl.value if ppo.kl_in == "reward" else 0.0)
-        advantages, returns = ADVANTAGES[ppo.advantage_estimator](rewards, old_values, mask, ppo, k)
+        advantages, returns = ADVANTAGES[ppo.advantage_estimator](rewards, old_values, mask, ppo)
         if whitened(ppo):
             mean, var = global_whiten_stats(accelerator, advantages, mask)
             advantages = masked_whiten(advantages, mask, mean=mean, var=var)
@@ -134,15 +138,12 @@ def run(recipe: PPORecipe) -> Path:
         scaffold.log(it + 1, metrics, {"score": f"{metrics['objective/score']:.3f}",
                                        "kl": f"{metrics['objective/kl']:.3f}"})
     final = scaffold.close()
+    guard.check_trained()  # a run in which every update was skipped (non-finite) must not finish
 
     # --- artifacts: the actor (adapter on the sft model, or full) and the critic ------------------------------------
-    info = save_model(accelerator, actor, tokenizer, folder.partial / "model", base=model_section.name_or_path)
-    extra = {"model_info": info, "kl_controller": kl_ctl.state_dict(), "reward_stats": scaffold.state["reward_stats"],
-             "rewards": {"advantage_estimator": ppo.advantage_estimator, "reward_model": ppo.reward_model,
-                         "reward_fn": ppo.reward_fn, "reward_weights": ppo.reward_weights}}
-    if critic is not None:
-        extra["critic_info"] = save_model(accelerator, critic, tokenizer, folder.partial / "critic",
-                                          base=ppo.reward_model if ppo.critic_init == "reward" else
-                                          model_section.name_or_path)
+    extra = save_trained(accelerator, folder.partial, actor, critic, tokenizer, recipe)
+    extra.update(kl_controller=kl_ctl.state_dict(), reward_stats=scaffold.state["reward_stats"],
+                 rewards={key: getattr(ppo, key) for key in ("advantage_estimator", "reward_model", "reward_fn",
+                                                             "reward_weights")})
     final["train/iterations"] = iterations
     return folder.finish(final, extra=extra, derived=derived(recipe))

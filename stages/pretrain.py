@@ -30,7 +30,7 @@ BOS, EOS = "<s>", "</s>"
 
 
 def train_tokenizer(docs: list[str], section, max_len: int):
-    """Byte-level BPE (GPT-2 style pre-tokenisation) with <|pad|>, <s> (added in front) and </s>.
+    """Byte-level BPE (GPT-2 style pre-tokenization) with <|pad|>, <s> (added in front) and </s>.
 
     `tokenizer.existing` goes through the project's loader: a missing path is one line, and the pad
     token is guaranteed and never EOS (masking by pad id would hide EOS)."""

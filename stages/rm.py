@@ -43,7 +43,7 @@ def run(recipe: RMRecipe) -> Path:
     for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval)):
         folder.input(name, path)
 
-    # --- model: backbone + zero-initialised scalar head (always trained) ------------------------------
+    # --- model: backbone + zero-initialized scalar head (always trained) ------------------------------
     model = ScalarHead(load_trainable(model_section, recipe.lora, tokenizer, task="seq_cls"))
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:

@@ -16,7 +16,7 @@ from rlhf.artifacts import RunFolder, check_parents
 from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, prompt_ids, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import count_parameters, load_trainable, tokenizer_for
+from rlhf.models import count_parameters, load_trainable, stop_token_ids, tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import SFTRecipe, derived
@@ -87,12 +87,15 @@ def run(recipe: SFTRecipe) -> Path:
 
     # --- artifact: adapter (or full model) + tokenizer, and a sample table --------------------------
     info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=model_section.name_or_path)
-    if recipe.samples:
-        # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
-        records = (split.eval or split.train)[: recipe.samples]
-        rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids(records, tokenizer), recipe.generate,
-                        accelerator.device, synced=True)
-        if accelerator.is_main_process:
-            write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row} for r, row in zip(records, rows)])
+    with folder.optional("the sample table (samples.md)"):  # never costs the trained model
+        if recipe.samples:
+            # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
+            records = (split.eval or split.train)[: recipe.samples]
+            rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids(records, tokenizer),
+                            recipe.generate, accelerator.device, synced=True,
+                            stop_ids=stop_token_ids(tokenizer, model_section.name_or_path))
+            if accelerator.is_main_process:
+                write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row}
+                                                              for r, row in zip(records, rows)])
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
                          derived=derived(recipe))

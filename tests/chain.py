@@ -4,6 +4,7 @@ point every path into a temp folder and cut the steps and the model size."""
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 from rlhf.recipes import load_recipe
@@ -24,6 +25,9 @@ SHORT = {
     "ppo": ["train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=4", "ppo.rollout_batch_size=16",
             "generate.batch_size=16", "generate.max_new_tokens=8", "ppo.gold_every=1", "ppo.gold_count=8",
             "train.save_every=0"],
+    "grpo": ["train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=4", "ppo.rollout_batch_size=4",
+             "generate.batch_size=16", "generate.max_new_tokens=8", "ppo.gold_every=1", "ppo.gold_count=8",
+             "train.save_every=0"],
     "dpo": ["train.max_steps=4", "train.batch_size=8", "train.micro_batch_size=4", "train.eval_every=2",
             "train.save_every=0"],
     "eval": ["eval.max_prompts=16", "generate.max_new_tokens=8", "generate.batch_size=16"],
@@ -35,24 +39,32 @@ def paths(root: Path, text: str) -> str:
     return text.replace("runs/tiny", str(root))
 
 
-def write_recipe(stage: str, root: Path) -> Path:
-    """The shipped tiny recipe of `stage` with its paths redirected into `root`."""
+def write_recipe(name: str, root: Path) -> Path:
+    """The shipped tiny recipe `name` (recipes/tiny/<name>.yaml) with its paths redirected into `root`."""
     import yaml
 
-    raw = yaml.safe_load((TINY / f"{stage}.yaml").read_text())
-    path = root / "recipes" / f"{stage}.yaml"
+    raw = yaml.safe_load((TINY / f"{name}.yaml").read_text())
+    path = root / "recipes" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(paths(root, yaml.safe_dump(raw, sort_keys=False)))
+    # written atomically: test processes running side by side (spawned workers) write the same file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(paths(root, yaml.safe_dump(raw, sort_keys=False)))
+    os.replace(tmp, path)
     return path
 
 
-def recipe(stage: str, root: Path, *extra: str):
-    """The shipped tiny recipe of `stage`, redirected into `root` and shortened (plus `extra` overrides)."""
-    return load_recipe(write_recipe(stage, root), stage, SHORT[stage] + list(extra))
+def stage_of(name: str) -> str:
+    """The stage of a tiny recipe (grpo.yaml is a ppo recipe; the others are named after their stage)."""
+    return {"grpo": "ppo"}.get(name, name)
 
 
-def run_stage(stage: str, root: Path, *extra: str) -> Path:
-    return importlib.import_module(f"stages.{stage}").run(recipe(stage, root, *extra))
+def recipe(name: str, root: Path, *extra: str):
+    """The shipped tiny recipe `name`, redirected into `root` and shortened (plus `extra` overrides)."""
+    return load_recipe(write_recipe(name, root), stage_of(name), SHORT[name] + list(extra))
+
+
+def run_stage(name: str, root: Path, *extra: str) -> Path:
+    return importlib.import_module(f"stages.{stage_of(name)}").run(recipe(name, root, *extra))
 
 
 def build_chain(root: Path) -> dict[str, Path]:
@@ -63,6 +75,6 @@ def build_chain(root: Path) -> dict[str, Path]:
     return out
 
 
-def cli_args(stage: str, root: Path, *extra: str) -> list[str]:
+def cli_args(name: str, root: Path, *extra: str) -> list[str]:
     """`rlhf STAGE RECIPE overrides...` arguments for the shortened recipe (for subprocess runs)."""
-    return [stage, str(write_recipe(stage, root)), *SHORT[stage], *extra]
+    return [stage_of(name), str(write_recipe(name, root)), *SHORT[name], *extra]

@@ -3,8 +3,11 @@ traceback, and nothing half-written. Plus `rlhf check` on good and bad recipes."
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +42,9 @@ CHAT_TWO_TURNS = (b'{"messages": [{"role": "user", "content": "a"}, {"role": "as
                   b'{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}')
 PAIR_DIFFERENT_PROMPTS = (b'{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], '
                           b'"rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}')
+HUGE_INT = b'{"instruction": "x", "output": "y", "n": ' + b"7" * 5000 + b"}"
+DEEP = b'{"instruction": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+SURROGATE = b'{"instruction": "x", "output": "\\ud800"}'
 
 
 def pad_is_eos_model(chain, tmp_path, spare: bool = False) -> Path:
@@ -130,6 +136,23 @@ CASES = {
         "data.template: the tokenizer of {c[pretrain]}/model has no chat template"),
     "unknown chat template": (lambda c, t: ["model.chat_template=nope"],
                               "model.chat_template: unknown chat template 'nope' (shipped: chatml"),
+    # issue 17: each of these was a traceback and left a half-written .partial
+    "output_dir that is a file": (lambda c, t: [f"output_dir={bad_file(t, GOOD)}"],
+                                  "output_dir: {t}/bad.jsonl is a file, not a folder"),
+    "empty data.train (not the current folder)": (lambda c, t: ["data.train="], "data.train: is empty"),
+    "negative seed": (lambda c, t: ["seed=-1"], "command line: seed: must be at least 0, got -1"),
+    "seed beyond numpy's range": (lambda c, t: ["seed=123456789012345678901234567890"],
+                                  "command line: seed: must be at most 4294967295, got 12345678...(30 digits)"),
+    "JSON integer beyond the parser's digit limit": (lambda c, t: [f"data.train={bad_file(t, GOOD + HUGE_INT)}"],
+                                                     "{t}/bad.jsonl:2: invalid JSON: Exceeds the limit (4300 digits) "
+                                                     "for integer string conversion"),
+    "JSON nested too deeply for the parser": (lambda c, t: [f"data.train={bad_file(t, GOOD + DEEP)}"],
+                                              "{t}/bad.jsonl:2: invalid JSON: nested too deeply"),
+    "JSON string with a lone surrogate": (lambda c, t: [f"data.train={bad_file(t, GOOD + SURROGATE)}"],
+                                          "{t}/bad.jsonl:2: output: holds a lone surrogate '\\ud800': not valid "
+                                          "Unicode text"),
+    "duplicate key in an override's mapping": (lambda c, t: ["train={lr: 0.1, lr: 0.2}"],
+                                               "command line: train: duplicate key 'lr' in '{{lr: 0.1, lr: 0.2}}'"),
 }
 
 
@@ -171,6 +194,27 @@ STAGE_CASES = {
 }
 
 
+def pairs_with_margin(tmp_path: Path, margin: bytes) -> Path:
+    pair = b'{"prompt": "a", "chosen": "b", "rejected": "c", "margin": ' + margin + b'}\n'
+    return bad_file(tmp_path, pair, "p.jsonl")
+
+
+STAGE_CASES.update({
+    # a NaN margin made every rm step NaN: all skipped, and a "finished" reward model with std 1e-6
+    "rm: NaN margin": ("rm", lambda c, t: [f"data.train={pairs_with_margin(t, b'NaN')}", "data.eval=null"],
+                       "{t}/p.jsonl:1: margin: must be a finite number, got nan"),
+    "rm: infinite margin": ("rm", lambda c, t: [f"data.train={pairs_with_margin(t, b'-Infinity')}", "data.eval=null"],
+                            "{t}/p.jsonl:1: margin: must be a finite number, got -inf"),
+    "rm: margin beyond the float range": (
+        "rm", lambda c, t: [f"data.train={pairs_with_margin(t, b'1' + b'0' * 400)}", "data.eval=null"],
+        "{t}/p.jsonl:1: margin: must be a finite number, got 100000000000...(401 digits)"),
+    # checked when the recipe loads, not by save_pretrained after the parity check
+    "export: bad max_shard_size": ("export", lambda c, t: [f"source={c['sft']}", "export.max_shard_size=5XB"],
+                                   "command line: export.max_shard_size: expected a positive whole number with a "
+                                   "unit"),
+})
+
+
 @pytest.mark.parametrize("case", list(STAGE_CASES))
 def test_bad_input_of_other_stages_is_one_line_and_exit_2(chain, tmp_path, capsys, case):
     stage, make, expected = STAGE_CASES[case]
@@ -180,6 +224,120 @@ def test_bad_input_of_other_stages_is_one_line_and_exit_2(chain, tmp_path, capsy
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert expected.format(t=tmp_path, c=chain) in err[0], err[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def assert_one_error_line(err: str, expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert expected in lines[0], lines[0]
+
+
+def test_duplicate_keys_in_a_recipe_are_an_error_naming_the_key_and_line(chain, tmp_path, capsys):
+    args = sft_args(chain, tmp_path)
+    recipe = tmp_path / "dup.yaml"
+    text = Path(args[1]).read_text()
+    assert "\ntrain:\n" in text
+    recipe.write_text(text.replace("\ntrain:\n", "\ntrain:\n  lr: 0.1\n  lr: 0.2\n", 1))
+    line = recipe.read_text().splitlines().index("  lr: 0.2") + 1
+    assert main([args[0], str(recipe), *args[2:]]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"error: {recipe}:{line}: lr: duplicate key (first given on line "
+                                                   f"{line - 1}); YAML would silently keep only the last value")
+
+
+def test_a_bad_world_size_is_one_line(chain, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(sft_args(chain, tmp_path)) == 2
+    assert_one_error_line(capsys.readouterr().err, "error: environment: WORLD_SIZE='two' is not a positive whole "
+                                                   "number")
+
+
+@pytest.fixture
+def deny(request, monkeypatch):
+    """Make a path unreadable (or, with write=True, a folder read-only). Root ignores permission bits, so as
+    root the OS calls that would meet them raise the same PermissionError (EACCES) instead."""
+    def make(path: Path, write: bool = False) -> Path:
+        if os.geteuid() != 0:
+            mode = path.stat().st_mode
+            path.chmod(0o555 if write else 0o000)
+            request.addfinalizer(lambda: path.chmod(mode))
+            return path
+        target = os.path.abspath(path)
+
+        def hit(p) -> bool:
+            if not isinstance(p, (str, os.PathLike)):  # a file descriptor (shutil.rmtree scans by fd)
+                return False
+            p = os.path.abspath(os.fspath(p))
+            return p == target or (not write and p.startswith(target + os.sep)) or (write and
+                                                                                  os.path.dirname(p) == target)
+
+        def refuse(real):
+            def call(p, *args, **kwargs):
+                if hit(p):
+                    raise PermissionError(errno.EACCES, "Permission denied", os.fspath(p))
+                return real(p, *args, **kwargs)
+            return call
+
+        if write:
+            monkeypatch.setattr(os, "mkdir", refuse(os.mkdir))
+        else:
+            for name in ("read_text", "read_bytes"):
+                monkeypatch.setattr(Path, name, refuse(getattr(Path, name)))
+            monkeypatch.setattr(os, "scandir", refuse(os.scandir))
+        return path
+    return make
+
+
+UNREADABLE = {
+    "recipe": lambda c, t, deny: ([], "cannot read: Permission denied"),
+    "template": lambda c, t, deny: ([f"data.template={deny(template_file(t, '{instruction}'))}"],
+                                    "{t}/tpl.json: cannot read: Permission denied"),
+    # today's rglob skipped an unreadable subfolder silently, dropping part of the data
+    "data subfolder": lambda c, t, deny: ([f"data.train={data_folder(c, t, deny)}"],
+                                          "data.train: cannot read folder {t}/data/part2: Permission denied"),
+    "read-only parent folder": lambda c, t, deny: ([f"output_dir={deny(readonly_parent(t), write=True)}/out"],
+                                                   "output_dir: cannot create {t}/ro/out.partial: Permission denied"),
+}
+
+
+def data_folder(chain, tmp_path: Path, deny) -> Path:
+    rows = (chain["tasks"] / "sft.jsonl").read_text().splitlines()
+    for part, chunk in (("part1", rows[:160]), ("part2", rows[160:])):
+        (tmp_path / "data" / part).mkdir(parents=True)
+        (tmp_path / "data" / part / "sft.jsonl").write_text("\n".join(chunk) + "\n")
+    deny(tmp_path / "data" / "part2")
+    return tmp_path / "data"
+
+
+def readonly_parent(tmp_path: Path) -> Path:
+    (tmp_path / "ro").mkdir()
+    return tmp_path / "ro"
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_unreadable_files_and_folders_are_one_line(chain, tmp_path, capsys, deny, case):
+    extra, expected = UNREADABLE[case](chain, tmp_path, deny)
+    args = sft_args(chain, tmp_path, *extra)
+    if case == "recipe":
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(Path(args[1]).read_text())
+        args[1] = str(deny(recipe))
+        expected = f"{recipe}: {expected}"
+    assert main(args) == 2
+    assert_one_error_line(capsys.readouterr().err, expected.format(t=tmp_path))
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_a_data_folder_matches_suffixes_of_any_case_and_lists_other_files(chain, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(chain["tasks"] / "sft.jsonl", folder / "SFT.JSONL")
+    (folder / "notes.txt").write_text("not data\n")
+    (folder / "train.csv").write_text("a,b\n")
+    assert main(sft_args(chain, tmp_path, f"data.train={folder}", "data.max_records=64")) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: data.train: {folder} holds 2 file(s) of unknown type, not read: notes.txt, train.csv "
+            f"(data files end in .jsonl/.json/.parquet)") in err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["data"]["train_records"] == 64
 
 
 def test_existing_tokenizer_goes_through_the_loader(chain, tmp_path):
@@ -259,6 +417,7 @@ def test_check_ready_recipes(chain, capsys, stage):
         assert "reward head reads the last non-pad token" in out
     if stage == "ppo":
         assert "gold prompts: 8 with gold answers" in out
+        assert "reward model: reads the policy's token ids (the same vocabulary and format)" in out
     if stage == "pretrain":
         assert "corpus: 1200 documents" in out
     if stage == "eval":

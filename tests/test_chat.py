@@ -1,4 +1,4 @@
-"""Conversational records and chat templates, on tokenizers built here by hand (no hub):
+"""Conversational records and chat templates, on tokenizers built by hand (no hub, `tests.families`):
 
 - `llama3`: a Llama-3-style template that writes BOS, ends turns with <|eot_id|>, and a reserved
   <|finetune_right_pad_id|>; no pad token; the Llama 3 pre-tokenizer regex.
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+import torch
+from transformers import AutoTokenizer, LlamaConfig
 
 from data_formats import tasks
 from data_formats.chat import install_chat_template, install_template, jinja_literal, make_format
@@ -25,50 +26,7 @@ from rlhf.errors import DataError, UserError
 from rlhf.models import load_tokenizer, stop_token_ids
 from rlhf.sections import PreferenceData, PromptData, SFTData, TaskSuiteSection, TokenizerSection
 from tests.conftest import write_jsonl
-
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_TEMPLATE = ("{{- bos_token -}}{%- for message in messages -%}{{- '<|start_header_id|>' + message['role'] + "
-                   "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}{%- endfor -%}"
-                   "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}"
-                   "{%- endif -%}")
-CHATML_TEMPLATE = ("{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                   "'<|im_end|>\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}"
-                   "{%- endif -%}")
-CORPUS = ["Reverse the list.\n\nc a f b\n\nb f a c", "Hello there, how are you today? I am fine.\n\nThanks!",
-          "Sort the list in alphabetical order.\na b c d e f g h", "Be brief. Say hi."] * 20
-
-
-def bpe(specials: list[str], llama3: bool = False, bos: str | None = None) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not llama3)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                                 byte_level]) if llama3 else byte_level
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
-    return tok
-
-
-def llama3() -> PreTrainedTokenizerFast:
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|finetune_right_pad_id|>",
-                "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    return PreTrainedTokenizerFast(tokenizer_object=bpe(specials, llama3=True, bos="<|begin_of_text|>"),
-                                   bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                   chat_template=LLAMA3_TEMPLATE)
-
-
-def chatml() -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
-                                   eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
-
-
-def base() -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=bpe(["<s>", "</s>"], bos="<s>"), bos_token="<s>",
-                                   eos_token="</s>")
+from tests.families import CHATML_TEMPLATE, base, chatml, llama3
 
 
 def model_folder(tokenizer, path: Path, generation: dict | None = None) -> Path:
@@ -564,3 +522,100 @@ def test_a_chat_chain_on_the_task_suite_as_conversations(chain, tmp_path):
     results = json.loads((result / "eval.json").read_text())["results"]
     assert [r["gold_prompts"] for r in results] == [8, 8]
     assert all(s["prompt"].endswith("<|im_start|>assistant\n") for r in results for s in r["samples"])
+    assert all(r["reward_score"] is not None for r in results)  # the text RM of the chain scores chat rollouts
+    # PPO of the chat policy against the chain's text-template RM (scored through text; the critic cannot
+    # start from an RM of another vocabulary), with the gold monitor; then its export
+    ppo = run_stage("ppo", chain["root"], f"model.name_or_path={sft}", f"data.train={data}/prompts.jsonl",
+                    "data.template=chat", f"ppo.gold_prompts={data}/eval_prompts.jsonl", "ppo.critic_init=actor",
+                    f"output_dir={tmp_path}/ppo")
+    metrics = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
+    assert sum("objective/score" in m for m in metrics) == 2 and "gold/proxy_score" in metrics[-1]
+    export = run_stage("export", chain["root"], f"source={ppo}", f"output_dir={tmp_path}/export")
+    exported = export / "model"
+    assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == stop_token_ids(tok) == \
+        [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    card = (exported / "README.md").read_text()
+    assert "<|im_start|>user\n<instruction><|im_end|>\n<|im_start|>assistant\n<response>" in card
+    assert "Generation stops at any of `</s>`, `<|im_end|>`" in card
+
+
+# --- stop tokens in eval and sample tables; reward models that read another format ------------------------------
+
+
+class EndOfTurn(torch.nn.Module):
+    """A stand-in causal LM that always writes `token` (e.g. <|eot_id|>, not EOS)."""
+
+    def __init__(self, token: int, vocab: int):
+        super().__init__()
+        self.token, self.vocab = token, vocab
+
+    def forward(self, input_ids, **_):
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        logits[..., self.token] = 5.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_eval_and_sample_tables_stop_at_the_end_of_turn():
+    """A Llama-3-style model ends its reply with <|eot_id|>, not EOS: eval's EOS rate, lengths and the SFT
+    sample table count that as an ending (with EOS alone the reply would run to max_new_tokens)."""
+    from rlhf.rollout import complete
+    from rlhf.sections import GenerateSection
+    from stages.eval import evaluate_model
+
+    tok = llama3()
+    tok.pad_token = "<|finetune_right_pad_id|>"
+    fmt = make_format("chat", tok)
+    records = [parse_prompt(Raw(f"p:{i}", {"messages": [user(f"Sort.\n\n{x}")]}), fmt) for i, x in enumerate("abc")]
+    prompts, _ = encode_prompts(records, tok, 64)
+    model = EndOfTurn(tok.convert_tokens_to_ids("<|eot_id|>"), len(tok))
+    cfg = GenerateSection(max_new_tokens=5, temperature=0.0)
+    stops = stop_token_ids(tok)
+    result = evaluate_model("m", model, tok, prompts, cfg, "cpu", None, None, False, 1, stop_ids=stops, fmt=fmt)
+    assert (result["eos_rate"], result["response_length"]) == (1.0, 1.0)
+    assert evaluate_model("m", model, tok, prompts, cfg, "cpu", None, None, False, 1,
+                          stop_ids=[tok.eos_token_id])["eos_rate"] == 0.0
+    rows = complete(model, tok, [p["prompt_ids"] for p in prompts], cfg, "cpu", stop_ids=stops)
+    assert [(r["ended"], r["tokens"], r["completion"]) for r in rows] == [(True, 1, "")] * 3
+
+
+def generation(prompt_ids: list[int], responses: list[list[int]], ended: list[bool], pad_id: int):
+    """A Generation of one prompt and several responses (right-padded)."""
+    from rlhf.data import pad
+    from rlhf.rollout import Generation
+
+    mask = pad([[1] * len(r) for r in responses], 0)
+    seqs = torch.cat([torch.tensor([prompt_ids] * len(responses)), pad(responses, pad_id)], 1)
+    attention = torch.cat([torch.ones(len(responses), len(prompt_ids), dtype=torch.long), mask], 1)
+    return Generation(seqs, attention, mask, torch.tensor(ended), len(prompt_ids))
+
+
+def test_a_reward_model_reads_the_format_it_was_trained_with(chain, tmp_path):
+    """A chat-templated policy scored by the chain's text-template RM, and the text policy by a chat-template RM:
+    the RM reads each response as its training rendered a pair (its prompt format, its end token only where the
+    response ended, BOS once), never the policy's text."""
+    from rlhf.scoring import load_scorer
+    from tests.chain import run_stage
+
+    chat_rm = run_stage("rm", chain["root"], "model.chat_template=chatml", "data.template=chat", "train.max_steps=2",
+                        "train.eval_every=0", f"output_dir={tmp_path}/rm")
+    row = json.loads((chain["tasks"] / "prefs_eval.jsonl").read_text().splitlines()[0])
+    chat_policy = load_tokenizer(str(chain["sft"]), chat_template="chatml")
+    text_policy = load_tokenizer(str(chain["sft"]))
+    for policy, template, rm, rm_template in ((chat_policy, "chat", chain["rm"], "plain"),
+                                              (text_policy, "plain", chat_rm, "chat")):
+        scorer = load_scorer(str(rm))
+        fmt = make_format(template, policy)
+        assert not scorer.reads_ids_of(policy, fmt) and scorer.reads_ids_of(scorer.tokenizer, scorer.format)
+        [prompt], _ = encode_prompts([parse_prompt(Raw("p:1", row), fmt)], policy, 64)
+        end = policy.convert_tokens_to_ids(fmt.end) if fmt.chat else policy.eos_token_id
+        chosen, rejected = (policy(row[k], add_special_tokens=False)["input_ids"] for k in ("chosen", "rejected"))
+        gen = generation(prompt["prompt_ids"], [chosen + [end], rejected], [True, False], policy.pad_token_id)
+        # what the rm stage trained on: the pair in the RM's own format; a cut response has no end token
+        pair = parse_preference(Raw("p:1", row), make_format(rm_template, scorer.tokenizer))
+        [ids], _ = encode_preferences([pair], scorer.tokenizer, 256, 128)
+        expected = [ids["prompt_ids"] + ids["chosen_ids"], ids["prompt_ids"] + ids["rejected_ids"][:-1]]
+        assert ids["chosen_ids"][-1] == scorer.end_id
+        want = torch.cat([scorer.score_ids(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))
+                          for x in expected])
+        assert torch.allclose(scorer.score_generation(gen, [prompt, prompt], policy, fmt), want, atol=1e-6)
+        assert scorer.encode(prompt, row["chosen"], True).count(scorer.tokenizer.bos_token_id) == 1

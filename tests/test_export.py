@@ -150,3 +150,47 @@ def test_ppo_critic_exports_as_a_value_model(chain, tmp_path):
 
     values = ScalarHead(model)(torch.tensor([fp["input_ids"]]), torch.ones(1, len(fp["input_ids"]), dtype=torch.long))
     assert torch.allclose(values[0], torch.tensor(fp["values"]), atol=1e-4)
+
+
+def test_a_failed_push_is_retried_with_resume(sft_export_args, tmp_path, monkeypatch, capsys):
+    """No network at the first push: the export is complete; the same command with resume=true pushes it,
+    once (a third run finds it pushed and uploads nothing)."""
+    class Offline(FakeHub):
+        def create_repo(self, *a, **k):
+            raise ConnectionError("Max retries exceeded")
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: SECRET)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    args = sft_export_args(tmp_path, "export.push_to_hub=true", "export.hub_repo_id=someone/x")
+    assert main(args) == 2
+    hint = capsys.readouterr().err
+    assert "pushed" not in json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    FakeHub.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    assert main(args + ["resume=true"]) == 0
+    assert [c[0] for c in FakeHub.calls] == ["create_repo", "upload_folder"]
+    assert json.loads((tmp_path / "exp" / "manifest.json").read_text())["pushed"]["commit"] == "abc123"
+    FakeHub.calls = []
+    assert main(args + ["resume=true"]) == 0
+    assert FakeHub.calls == [] and "was pushed to someone/x (main) already" in capsys.readouterr().err
+    assert "(push it with the same command and resume=true)" in hint  # the failure said how to retry
+
+
+def test_parity_prompts_are_cut_to_the_model_positions():
+    """The parity check generates too: a prompt longer than the model's positions is cut from the left
+    (keeping BOS) to leave room for the new tokens, as in every other generation path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.export import forward_figures
+
+    class Tok:
+        pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0)).eval()
+    (figures,) = forward_figures(model, Tok(), [[1] + list(range(3, 40)) * 3], new_tokens=8, causal=True,
+                                 stop_ids=[2])
+    assert figures["logits"].shape[0] == 24 and len(figures["greedy"]) <= 8

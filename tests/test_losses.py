@@ -226,7 +226,7 @@ def test_forward_keeps_nothing_vocabulary_sized_for_the_backward():
         return shapes, ent
 
     shapes, ent = saved_shapes()
-    assert sorted(shapes) == [(6,)] * 3 and ent.requires_grad  # labels, log-normaliser, entropy
+    assert sorted(shapes) == [(6,)] * 3 and ent.requires_grad  # labels, log-normalizer, entropy
     shapes, ent = saved_shapes(entropy_grad=False)
     assert sorted(shapes) == [(6,)] * 2 and not ent.requires_grad
 
@@ -303,7 +303,7 @@ def test_the_update_scores_a_rollout_under_the_distribution_it_was_sampled_from(
     steps = []  # the engine's logits at each decoding step, (B, V) each
     hook = model.register_forward_hook(lambda module, args, out: steps.append(out.logits[:, -1].detach().clone()))
     gen = seeded_generate(model, prompts, attention, GenerateSection(max_new_tokens=12, temperature=temperature),
-                          eos_id=eos, pad_id=pad, keys=row_keys(0, 0, range(4)))
+                          stop_ids=[eos], pad_id=pad, keys=row_keys(0, 0, range(4)))
     hook.remove()
     mask = gen.response_mask.bool()
     assert len(steps) == gen.responses.shape[1] and not (gen.responses[mask] == pad).any()

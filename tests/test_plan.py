@@ -8,10 +8,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.cli import main
 from rlhf.errors import UserError
-from rlhf.plan import GiB, OVERHEAD, activation_bytes, lora_params, model_shape, parse_bytes, plan, role_bytes
+from rlhf.plan import (GiB, OVERHEAD, activation_bytes, lora_params, model_shape, parse_bytes, plan,
+                       role_bytes, shipped_config)
 from rlhf.recipes import load_recipe
 from rlhf.sections import LoraSection
-from tests.conftest import write_yaml
+from tests.conftest import ROOT, rlhf, write_yaml
+from tests.families import write_hub_cache
 
 
 def config(tied=True, kv=2):
@@ -99,3 +101,44 @@ def test_plan_cli_on_a_local_model(tmp_path, capsys):
     assert "per device:" in capsys.readouterr().out
     assert main(["plan", str(recipe), "model.name_or_path=./missing"]) == 2
     assert "model path ./missing not found" in capsys.readouterr().err
+
+
+def test_qwen2_parameter_count_includes_its_qkv_biases():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=True)
+    assert model_shape(c)["n_params"] == sum(p.numel() for p in Qwen2ForCausalLM(c).parameters())
+
+
+@pytest.mark.parametrize("hub_id, params", [("Qwen/Qwen2.5-0.5B", 494_032_768),
+                                            ("Qwen/Qwen2.5-0.5B-Instruct", 494_032_768),
+                                            ("huggyllama/llama-7b", 6_738_415_616)])
+def test_shipped_configs_have_the_published_sizes(hub_id, params):
+    assert model_shape(shipped_config(hub_id))["n_params"] == params
+
+
+@pytest.mark.parametrize("recipe, base", [("recipes/reproduce/hh_ppo.yaml", "Qwen/Qwen2.5-0.5B"),
+                                          ("recipes/hub/ppo.yaml", "Qwen/Qwen2.5-0.5B-Instruct")])
+def test_plan_works_before_anything_has_run(tmp_path, recipe, base):
+    """The README's example on a fresh checkout, offline: the recipe names run folders that do not exist yet; they
+    are followed through the recipes next to it back to the base model, whose shipped config is read."""
+    assert not (ROOT / "runs" / "reproduce" / "hh" / "sft").exists()
+    done = rlhf("plan", recipe, "--gpu-mem", "80GiB", env={"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    sft = recipe.rsplit("/", 1)[0] + ("/hh_sft.yaml" if "reproduce" in recipe else "/sft.yaml")
+    assert f"written by {sft} <- {base}: the shipped copy of its config" in done.stdout
+    assert "reward model:" in done.stdout and "critic" in done.stdout and "fits" in done.stdout
+
+
+def test_plan_prefers_the_hub_cache_and_takes_model(tmp_path):
+    home, folder = tmp_path / "hf", tmp_path / "model"
+    config(tied=False).save_pretrained(folder)
+    write_hub_cache(home, "Qwen/Qwen2.5-0.5B", folder)
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    done = rlhf("plan", "recipes/reproduce/hh_sft.yaml", env=env)
+    assert done.returncode == 0 and "Qwen/Qwen2.5-0.5B: its config.json" in done.stdout, done.stderr
+    n = model_shape(config(tied=False))["n_params"]
+    done = rlhf("plan", "recipes/reproduce/hh_ppo.yaml", "--model", str(folder), env=env)
+    assert done.returncode == 0 and f"reward model: {folder}: its config.json" in done.stdout, done.stderr
+    assert f"{2 * n / GiB:10.3f}" in done.stdout  # the reward model's bf16 weights, from the config given

@@ -1,6 +1,6 @@
 """PPO: the roles' setup (train mode, checkpointing, dropout), logprob/value alignment, the reference at
 the start, early stopping on early_stop_kl, the over-optimization monitor, full fine-tuning and an actor-
-initialised critic, recipe refusals, the reward model's view of decoded text, multi-process generation
+initialized critic, recipe refusals, the reward model's view of decoded text, multi-process generation
 and gold evaluation, and the RNG state of checkpoints."""
 
 from __future__ import annotations
@@ -246,10 +246,12 @@ def test_qlora_is_not_silently_ignored(chain, tmp_path, capsys):
 # --- the reward model's view of decoded responses -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stops", ["eos", "eos+token"])
 @pytest.mark.parametrize("engine", ["hf", "hf_static"])
-def test_engines_agree_on_greedy_rollouts(chain, engine):
+def test_engines_agree_on_greedy_rollouts(chain, engine, stops):
     """Greedy decoding has no randomness: transformers' generate and our seeded decoder must return the
-    same left-padded sequences, response masks (up to the first EOS) and ended flags."""
+    same left-padded sequences, response masks (up to the first stop token) and ended flags, with EOS alone
+    or with a second stop id (as a chat model's end of turn) that ends some rows before their EOS."""
     from rlhf.data import collate_prompts, encode_prompts, load_split
     from rlhf.models import load_model
     from rlhf.rollout import generate
@@ -262,9 +264,17 @@ def test_engines_agree_on_greedy_rollouts(chain, engine):
     batch = collate_prompts(encode_prompts(records, tok, 64)[0], tok.pad_token_id)
     assert batch["attention_mask"].min() == 0  # prompts of different lengths: left padding is exercised
     cfg = GenerateSection(max_new_tokens=12, temperature=0.0, engine=engine)
-    ours = generate(model, batch["input_ids"], batch["attention_mask"], cfg, tok.eos_token_id, tok.pad_token_id,
+    stop_ids = [tok.eos_token_id]
+    if stops == "eos+token":  # the last new token of the first row's response becomes a stop id too
+        row = generate(model, batch["input_ids"], batch["attention_mask"], cfg, stop_ids, tok.pad_token_id,
+                       engine="seeded").responses[0].tolist()
+        cut = max(j for j in range(len(row)) if row[j] not in row[:j] + stop_ids)
+        stop_ids.append(row[cut])
+    ours = generate(model, batch["input_ids"], batch["attention_mask"], cfg, stop_ids, tok.pad_token_id,
                     engine="seeded")
-    theirs = generate(model, batch["input_ids"], batch["attention_mask"], cfg, tok.eos_token_id, tok.pad_token_id)
+    theirs = generate(model, batch["input_ids"], batch["attention_mask"], cfg, stop_ids, tok.pad_token_id)
+    if stops == "eos+token":
+        assert ours.ended[0] and int(ours.response_mask[0].sum()) == cut + 1  # ended at the second stop id
     width = min(ours.responses.shape[1], theirs.responses.shape[1])
     assert torch.equal(ours.responses[:, :width], theirs.responses[:, :width])
     assert torch.equal(ours.response_mask[:, :width], theirs.response_mask[:, :width])
@@ -390,7 +400,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
         # rank 0's rows end at once, rank 1's never: both must still decode to the same length
         fake = Always(token=2 if rank == 0 else 5)
         seeded_generate(fake, torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long),
-                        GenerateSection(max_new_tokens=30, temperature=0.0), eos_id=2, pad_id=0, synced=True)
+                        GenerateSection(max_new_tokens=30, temperature=0.0), stop_ids=[2], pad_id=0, synced=True)
         model, tokenizer, prompts, scorer = gold_setup(Path(root))
         n = len(prompts)  # 5 over 2 processes: shards of 2 and 3, so 1 and 2 generate calls of 2 prompts
         lo, hi = rank * n // world, (rank + 1) * n // world

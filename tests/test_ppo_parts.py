@@ -42,10 +42,19 @@ def test_shape_scores_penalty_then_clip():
 def test_truncate_after_first_eos():
     eos, pad = 2, 0
     responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
-    out, mask, ended = truncate_after_eos(responses, eos, pad)
+    out, mask, ended = truncate_after_eos(responses, [eos], pad)
     assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
+
+
+def test_truncate_after_the_first_of_several_stop_ids():
+    """EOS (2) and an end-of-turn id (7): a row ends at whichever comes first."""
+    responses = torch.tensor([[5, 7, 2, 9], [5, 6, 2, 7], [5, 6, 8, 9]])
+    out, mask, ended = truncate_after_eos(responses, [2, 7], 0)
+    assert out.tolist() == [[5, 7, 0, 0], [5, 6, 2, 0], [5, 6, 8, 9]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
 
 
 def test_seeded_noise_is_per_row_and_gumbel_distributed():

@@ -61,3 +61,28 @@ def test_report_cli_and_errors(runs, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'} not found"
     with pytest.raises(UserError, match="no finished run folders"):
         build_report([runs / "dpo.partial"], tmp_path / "x")
+
+
+def test_report_skips_damaged_and_foreign_folders(runs, tmp_path, capsys):
+    """A manifest without a stage, a broken metrics line, a broken eval.json: warnings, not tracebacks."""
+    (runs / "foreign").mkdir()
+    (runs / "foreign" / "manifest.json").write_text(json.dumps({"name": "another tool's manifest"}))
+    (runs / "broken").mkdir()
+    (runs / "broken" / "manifest.json").write_text("{not json")
+    with open(runs / "sft" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "train/loss": 0.5\n[1, 2]\n')
+    (runs / "eval" / "eval.json").write_text('{"results": 3}')
+    readme = build_report([runs], tmp_path / "out")
+    err = capsys.readouterr().err
+    assert f"report: skipping {runs / 'foreign'} (its manifest.json names no stage of this pipeline)" in err
+    assert f"report: skipping {runs / 'broken'} (" in err and "broken manifest" in err
+    assert f"report: {runs / 'sft' / 'metrics.jsonl'}: left out 2 line(s)" in err
+    assert "skipping the evaluation table of" in err
+    text = readme.read_text()
+    assert "## sft" in text and "## ppo" in text and "## Evaluation" not in text
+
+
+def test_report_on_a_file_is_one_line(runs, tmp_path, capsys):
+    assert main(["report", str(runs / "sft" / "metrics.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {runs / 'sft' / 'metrics.jsonl'} is a file, not a run folder "
+                                               f"or a folder of run folders")

@@ -245,7 +245,7 @@ def test_dpo_precomputed_and_live_reference_agree(chain):
     assert len(live_loss) == len(pre_loss) == 2
     assert live_loss == pytest.approx(pre_loss, abs=1e-5)
     assert (pre / "ref_logps.safetensors").is_file()
-    # with a zero-initialised adapter the policy starts at the reference: loss log 2, margin 0
+    # with a zero-initialized adapter the policy starts at the reference: loss log 2, margin 0
     assert live_loss[0] == pytest.approx(math.log(2), abs=1e-4)
     assert abs(live_loss[1] - math.log(2)) > 1e-4  # then it moves away from it
 
@@ -285,9 +285,11 @@ def test_dpo_improves_preference_accuracy(chain):
 
 def test_eval_and_export(chain, ppo_run, monkeypatch):
     run_stage("dpo", chain["root"], "train.max_steps=2", "train.eval_every=0", "overwrite=true")
+    grpo = run_stage("grpo", chain["root"])  # the demo's GRPO recipe: gold rewards, no reward model, no critic
+    assert not (grpo / "critic").exists()
     ev = run_stage("eval", chain["root"])
     results = json.loads((ev / "eval.json").read_text())["results"]
-    assert [r["model"] for r in results] == ["base", "sft", "ppo", "dpo"]
+    assert [r["model"] for r in results] == ["base", "sft", "ppo", "grpo", "dpo"]
     for r in results:
         assert 0 <= r["gold_accuracy"] <= 1 and r["reward_score"] is not None and r["eos_rate"] is not None
     assert results[1]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)  # sft against itself
