@@ -159,6 +159,29 @@ def fit_records(records: list[dict], tokenizer, max_len: int, margin: int = 4) -
     return out
 
 
+def prepare_pairs(size: str, out: Path, records: int, max_len: int) -> dict:
+    """Model folder and preference pairs (fitted to max_len) of one size, shared by bench/rm.py and bench/dpo.py."""
+    from transformers import AutoTokenizer
+
+    model_dir = build_model(size, out / f"model-{size}")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = fit_records(pair_records(records, prompt_words=max_len * 0.12, response_words=max_len * 0.3,
+                                    cap=max_len // 2), tok, max_len)
+    data = write_jsonl(out / f"pairs-{size}.jsonl", rows)
+    return {"model": str(model_dir), "data": str(data), "max_len": max_len}
+
+
+def pair_args(p) -> None:
+    """The command-line options bench/rm.py and bench/dpo.py share."""
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="ours without data.packing (padded rows, as TRL)")
+    p.add_argument("--profile", type=int, default=0, help="torch.profiler over this many steps after the first, "
+                   "both sides; tables in <out>/*.profile.txt")
+    p.add_argument("--records", type=int, default=2048)
+    p.add_argument("--micro", type=int, default=8, help="pairs per micro-batch (= per step)")
+    p.add_argument("--max-len", dest="max_len", type=int, default=1024)
+
+
 def prompt_records(n: int, words: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt": " ".join(rng.choice(WORDS) for _ in range(words))} for _ in range(n)]
@@ -406,19 +429,28 @@ def gib(result: dict) -> str:
     return f"{peak:.2f}" if peak is not None else "n/a"
 
 
-def compare_row(name: str, unit: str, ours: dict, theirs: dict, digits: int = 1) -> dict:
-    """One row of the summary table from two child results that carry `rate`."""
+def compare_row(name: str, unit: str, ours: dict, theirs: dict, digits: int = 1,
+                labels: tuple[str, str] = ("ours", "TRL")) -> dict:
+    """One row of the summary table from two child results that carry `rate` (columns: `columns(labels)`)."""
+    a, b = labels
     o, t = ours.get("rate", float("nan")), theirs.get("rate", float("nan"))
-    row = {"row": name, "unit": unit, "ours": rate(o, digits), "TRL": rate(t, digits), "ours/TRL": ratio(o, t),
-           "ours peak": gib(ours), "TRL peak": gib(theirs),
-           "ours/TRL by CPU s": ratio(ours.get("cpu_rate", float("nan")), theirs.get("cpu_rate", float("nan")))}
-    for side, r in (("ours", ours), ("TRL", theirs)):
+    row = {"row": name, "unit": unit, a: rate(o, digits), b: rate(t, digits), f"{a}/{b}": ratio(o, t),
+           f"{a} peak": gib(ours), f"{b} peak": gib(theirs),
+           f"{a}/{b} by CPU s": ratio(ours.get("cpu_rate", float("nan")), theirs.get("cpu_rate", float("nan")))}
+    for side, r in ((a, ours), (b, theirs)):
         if "error" in r:
             row[side] = f"failed: {r['error'][:80]}"
     return row
 
 
-SUMMARY = ["row", "unit", "ours", "TRL", "ours/TRL", "ours peak", "TRL peak"] + ([] if GPU else ["ours/TRL by CPU s"])
+def columns(labels: tuple[str, str] = ("ours", "TRL")) -> list[str]:
+    """The columns of `compare_row`'s rows (on the CPU with the ratio of rates per CPU second)."""
+    a, b = labels
+    return ["row", "unit", a, b, f"{a}/{b}", f"{a} peak", f"{b} peak"] + ([] if GPU else [f"{a}/{b} by CPU s"])
+
+
+SUMMARY = columns()
+PACKING = ("packed", "padded")  # our rm/dpo with data.packing true vs false (bench/suite.py's packing table)
 
 
 def write_outputs(rows: list[dict], columns: list[str], json_path: Path | None, title: str = "") -> str:

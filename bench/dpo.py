@@ -18,9 +18,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import (DTYPE, GPU, SUMMARY, after_warmup, build_model, compare_row, fit_records, in_child, keep_known,
-                    memory_unit, profiler_of, ours_steps, pair_records, reset_memory, run_ours, stamp, trl_common, trl_timer,
-                    write_jsonl, write_outputs)
+from common import (DTYPE, GPU, PACKING, SUMMARY, after_warmup, compare_row, in_child, keep_known, memory_unit,
+                    ours_steps, pair_args, prepare_pairs, profiler_of, reset_memory, run_ours, stamp, trl_common,
+                    trl_timer, write_outputs)
 
 
 def timed(owner, name: str, spent: list[float]):
@@ -93,19 +93,10 @@ def trl(spec: dict) -> dict:
     return charged(timer.stamps, timer.work, len(records), reference)
 
 
-def prepare(size: str, out: Path, records: int, max_len: int) -> dict:
-    from transformers import AutoTokenizer
-
-    model_dir = build_model(size, out / f"model-{size}")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = fit_records(pair_records(records, prompt_words=max_len * 0.12, response_words=max_len * 0.3,
-                                    cap=max_len // 2), tok, max_len)
-    data = write_jsonl(out / f"pairs-{size}.jsonl", rows)
-    return {"model": str(model_dir), "data": str(data), "max_len": max_len}
-
-
-def rows_for(size: str, out: Path, args) -> list[dict]:
-    spec = {**prepare(size, out, args.records, args.max_len), "micro": args.micro, "profile": args.profile,
+def rows_for(size: str, out: Path, args, packing_rows: list | None = None) -> list[dict]:
+    """Summary rows (live and precomputed reference) at one size; with a `packing_rows` list, ours with the
+    live reference again with padded rows (data.packing false) and a packed-vs-padded row appended to it."""
+    spec = {**prepare_pairs(size, out, args.records, args.max_len), "micro": args.micro, "profile": args.profile,
             "packing": args.packing}
     rows = []
     for precompute in (False, True):
@@ -113,17 +104,16 @@ def rows_for(size: str, out: Path, args) -> list[dict]:
         o = in_child("dpo", "ours", {**spec, "precompute": precompute, "out": str(out / f"dpo-ours-{size}-{name}")})
         t = in_child("dpo", "trl", {**spec, "precompute": precompute, "out": str(out / f"dpo-trl-{size}-{name}")})
         rows.append(compare_row(f"DPO LoRA, {name} reference ({size})", "pairs/s", o, t))
+        if packing_rows is not None and args.packing and not precompute:
+            padded = in_child("dpo", "ours", {**spec, "precompute": False, "packing": False, "profile": 0,
+                                              "out": str(out / f"dpo-padded-{size}-{name}")})
+            packing_rows.append(compare_row(f"DPO LoRA, {name} reference ({size})", "pairs/s", o, padded,
+                                            labels=PACKING))
     return rows
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-packing", dest="packing", action="store_false",
-                   help="ours without data.packing (padded rows, as TRL)")
-    p.add_argument("--profile", type=int, default=0, help="torch.profiler over this many steps after the first, "
-                   "both sides; tables in <out>/*.profile.txt")
-    p.add_argument("--records", type=int, default=2048)
-    p.add_argument("--micro", type=int, default=8, help="pairs per micro-batch (= per step)")
-    p.add_argument("--max-len", dest="max_len", type=int, default=1024)
+    pair_args(p)
 
 
 def main() -> None:

@@ -110,7 +110,7 @@ def decode(spec: dict) -> dict:
         cfg = SimpleNamespace(max_new_tokens=new, temperature=1.0, top_k=0, top_p=1.0)
         began = sync()
         # a random-init model almost never ends every row early: each engine decodes `new` steps for all rows
-        gen = engines[name](model, input_ids, mask, cfg, tok.eos_token_id, tok.pad_token_id, keys=keys)
+        gen = engines[name](model, input_ids, mask, cfg, [tok.eos_token_id], tok.pad_token_id, keys=keys)
         seconds = sync() - began
         return gen.responses.numel() / seconds
 
@@ -164,7 +164,7 @@ def rows_for(size: str, out: Path, args) -> tuple[list[dict], list[dict], list[d
         d = in_child("ppo", "decode", {**spec, "batch": spec["prompts"] * k, "repeats": args.decode_repeats,
                                        "hbm": args.hbm, "out": str(out / "decode")})
         if "error" in d:
-            rollout.append({"engine": "failed", "tokens/s": d["error"]})
+            rollout.append({"engine": "failed", "per repeat": d["error"]})
         else:
             dyn = d["generate (dynamic cache)"]
             for name in ("seeded", "generate (dynamic cache)", "generate (static cache)"):

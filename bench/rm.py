@@ -16,9 +16,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import (DTYPE, GPU, SUMMARY, after_warmup, build_model, compare_row, fit_records, in_child, keep_known,
-                    memory_unit, profiler_of, ours_steps, pair_records, reset_memory, run_ours, trl_common, trl_timer,
-                    write_jsonl, write_outputs)
+from common import (DTYPE, GPU, PACKING, SUMMARY, after_warmup, compare_row, in_child, keep_known, memory_unit,
+                    ours_steps, pair_args, prepare_pairs, profiler_of, reset_memory, run_ours, trl_common, trl_timer,
+                    write_outputs)
 
 
 def ours(spec: dict) -> dict:
@@ -60,33 +60,21 @@ def trl(spec: dict) -> dict:
     return after_warmup(timer.stamps, timer.work)
 
 
-def prepare(size: str, out: Path, records: int, max_len: int) -> dict:
-    from transformers import AutoTokenizer
-
-    model_dir = build_model(size, out / f"model-{size}")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = fit_records(pair_records(records, prompt_words=max_len * 0.12, response_words=max_len * 0.3,
-                                    cap=max_len // 2), tok, max_len)
-    data = write_jsonl(out / f"pairs-{size}.jsonl", rows)
-    return {"model": str(model_dir), "data": str(data), "max_len": max_len}
-
-
-def rows_for(size: str, out: Path, args) -> list[dict]:
-    spec = {**prepare(size, out, args.records, args.max_len), "micro": args.micro, "checkpointing": args.checkpointing,
+def rows_for(size: str, out: Path, args, packing_rows: list | None = None) -> list[dict]:
+    """The summary row at one size; with a `packing_rows` list, ours again with padded rows (data.packing
+    false) and a packed-vs-padded row appended to it."""
+    spec = {**prepare_pairs(size, out, args.records, args.max_len), "micro": args.micro, "checkpointing": args.checkpointing,
             "profile": args.profile, "packing": args.packing}
     o = in_child("rm", "ours", {**spec, "out": str(out / f"rm-ours-{size}")})
     t = in_child("rm", "trl", {**spec, "out": str(out / f"rm-trl-{size}")})
+    if packing_rows is not None and args.packing:
+        padded = in_child("rm", "ours", {**spec, "packing": False, "profile": 0, "out": str(out / f"rm-padded-{size}")})
+        packing_rows.append(compare_row(f"RM full ({size})", "pairs/s", o, padded, labels=PACKING))
     return [compare_row(f"RM full ({size})", "pairs/s", o, t)]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-packing", dest="packing", action="store_false",
-                   help="ours without data.packing (padded rows, as TRL)")
-    p.add_argument("--profile", type=int, default=0, help="torch.profiler over this many steps after the first, "
-                   "both sides; tables in <out>/*.profile.txt")
-    p.add_argument("--records", type=int, default=2048)
-    p.add_argument("--micro", type=int, default=8, help="pairs per micro-batch (= per step)")
-    p.add_argument("--max-len", dest="max_len", type=int, default=1024)
+    pair_args(p)
     p.add_argument("--checkpointing", action="store_true")
 
 

@@ -24,23 +24,25 @@ import dpo
 import ppo
 import rm
 import sft
-from common import GPU, SUMMARY, memory_unit, table
+from common import GPU, PACKING, SUMMARY, columns, memory_unit, table
 
 
 def run(sizes: list[str], out: Path, args) -> dict:
     """All rows at `sizes` (the RL rows and phases at the first size only); returns the tables."""
     started = time.perf_counter()
-    summary, phases, rollout = [], [], []
+    summary, packing, phases, rollout = [], [], [], []
     for size in sizes:
         for name, module in (("sft", sft), ("rm", rm), ("dpo", dpo)):
             if name in args.only:
-                rows = module.rows_for(size, out, args.per[name])
+                extra = {"packing_rows": packing} if name != "sft" and "packing" in args.only else {}
+                rows = module.rows_for(size, out, args.per[name], **extra)
                 summary += rows
                 print(table(rows, SUMMARY), file=sys.stderr, flush=True)
     if "ppo" in args.only:
         s, phases, rollout = ppo.rows_for(args.ppo_size or sizes[0], out, args.per["ppo"])
         summary += s
-    return {"summary": summary, "phases": phases, "rollout": rollout, "seconds": time.perf_counter() - started}
+    return {"summary": summary, "packing": packing, "phases": phases, "rollout": rollout,
+            "seconds": time.perf_counter() - started}
 
 
 def settings(size: str, cpu: bool) -> dict[str, argparse.Namespace]:
@@ -68,7 +70,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="smoke run: the tiny size, a few steps each")
     p.add_argument("--sizes", default="270m,1b")
     p.add_argument("--ppo-size", dest="ppo_size", default=None, help="size of the RL rows (default: the first)")
-    p.add_argument("--only", default="sft,rm,dpo,ppo", help="benchmarks to run")
+    p.add_argument("--only", default="sft,rm,dpo,packing,ppo", help="benchmarks to run (packing: our rm and dpo "
+                   "again with padded rows, data.packing false)")
     p.add_argument("--steps", type=int, default=None, help="training steps of sft, rm and dpo (records = steps x micro)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of every measurement (OMP_NUM_THREADS); "
                    "with 1, the CPU-seconds ratios hold on a loaded machine")
@@ -92,6 +95,8 @@ def main() -> None:
     text = "\n".join([
         f"peak memory: {memory_unit()}; {result['seconds'] / 60:.1f} minutes",
         table(result["summary"], SUMMARY), "",
+        "ours with data.packing true (the rows above) vs false (padded rows, one sequence per row):",
+        table(result["packing"], columns(PACKING)), "",
         f"our phases, seconds per iteration ({ppo_args.prompts} prompts x k={ppo_args.k}, {ppo_args.new} new tokens):",
         table(result["phases"], ["estimator", "generate", "score", "ref_values", "update", "iteration s",
                                  "rollout tok/s"]), "",
