@@ -12,6 +12,7 @@ which examples each process sees at each step (no duplicates, no drops inside a 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,19 +384,58 @@ def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of sequences of `lengths` packed into rows of `width` tokens, first-fit decreasing (each length
+    ≤ width). Rows no wider than the longest sequence keep attention's cost per row what padding pays (SDPA
+    computes a packed row's block-diagonal mask in full), with less padding."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def balanced_rows(lengths: list[int]) -> list[list[int]]:
+    """Indices of sequences of `lengths` split into rows of about twice the longest sequence's tokens, longest
+    first onto the row with the fewest tokens (LPT), so that rows end up nearly equally long: little padding,
+    and SDPA, which computes a packed row's block-diagonal mask in full, pays for rows of ~2x the longest
+    sequence instead of one row of the whole batch."""
+    count = max(1, math.ceil(sum(lengths) / (2 * max(lengths))))
+    rows: list[list[int]] = [[] for _ in range(count)]
+    filled = [0] * count
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = filled.index(min(filled))
+        rows[r].append(i)
+        filled[r] += lengths[i]
+    return [row for row in rows if row]
+
+
 def collate_sft(examples: list[dict], pad_id: int, packing: bool) -> dict:
-    """Right-padded batch, or with `packing` one padding-free row whose position ids restart at each
-    example (transformers turns restarting position ids into a block-diagonal causal mask)."""
+    """Right-padded batch, or with `packing` padding-free rows (`balanced_rows`; the end of a shorter row is
+    padding) whose position ids restart at each example (transformers turns restarting position ids into a
+    block-diagonal causal mask)."""
     if packing:
-        ids = [t for e in examples for t in e["input_ids"]]
-        labels = []
-        for e in examples:
-            lab = list(e["labels"])
-            lab[0] = IGNORE_INDEX  # the first token of an example is not predicted from the previous one
-            labels += lab
-        pos = [p for e in examples for p in range(len(e["input_ids"]))]
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([pos]), "attention_mask": None}
+        rows = balanced_rows([len(e["input_ids"]) for e in examples])
+        ids, labels, pos = [], [], []
+        for members in rows:
+            row = [examples[i] for i in members]
+            ids.append([t for e in row for t in e["input_ids"]])
+            # the first token of an example is not predicted from the previous one
+            labels.append([t for e in row for t in [IGNORE_INDEX] + list(e["labels"][1:])])
+            pos.append([p for e in row for p in range(len(e["input_ids"]))])
+        width = max(len(r) for r in ids)
+        for r in range(len(ids)):  # padding continues the row's last positions: nothing reads it
+            fill = width - len(ids[r])
+            ids[r] += [pad_id] * fill
+            labels[r] += [IGNORE_INDEX] * fill
+            pos[r] += list(range(pos[r][-1] + 1, pos[r][-1] + 1 + fill))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
+                "attention_mask": None}
     input_ids = pad([e["input_ids"] for e in examples], pad_id)
     labels = pad([e["labels"] for e in examples], IGNORE_INDEX)
     attention_mask = pad([[1] * len(e["input_ids"]) for e in examples], 0)
@@ -423,17 +463,8 @@ def collate_pairs(examples: list[dict], pad_id: int, packing: bool = False) -> d
         return {"input_ids": pad(seqs, pad_id), "labels": pad(labels, IGNORE_INDEX),
                 "attention_mask": pad([[1] * len(s) for s in seqs], 0), "position_ids": None, "margin": margin}
     width = max(len(s) for s in seqs)
-    rows: list[list[int]] = []  # sequence indices per row, first-fit decreasing
-    room: list[int] = []
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
-        r = next((r for r, free in enumerate(room) if free >= len(seqs[i])), len(rows))
-        if r == len(rows):
-            rows.append([])
-            room.append(width)
-        rows[r].append(i)
-        room[r] -= len(seqs[i])
     ids, lab, pos, seg, last = [], [], [], [], [0] * len(seqs)
-    for r, members in enumerate(rows):
+    for r, members in enumerate(pack_rows([len(s) for s in seqs], width)):
         row_ids, row_lab, row_pos, row_seg = [], [], [], []
         for i in members:
             last[i] = r * width + len(row_ids) + len(seqs[i]) - 1

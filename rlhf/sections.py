@@ -112,7 +112,8 @@ class SFTData(DataSection):
     max_prompt_len: Optional[int] = opt(None, "cut longer prompts from the left (keeping BOS and the end, next to the "
                                               "response) before max_len applies; null = never cut prompts", gt=0)
     train_on_prompt: bool = opt(False, "compute the loss on prompt tokens too")
-    packing: bool = opt(False, "pack several examples per row without cross-attention (padding-free)")
+    packing: bool = opt(False, "pack several examples per row without cross-attention (rows of about twice "
+                                   "the longest example of the micro-batch: little padding)")
 
     def validate(self) -> None:
         _check_prompt_room(self.max_prompt_len, self.max_len)
