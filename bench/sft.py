@@ -6,8 +6,8 @@
 
 Both train one epoch over the same Alpaca-like records (lognormal lengths, every record fits `max_len`)
 on response tokens only. TRL packs with best-fit decreasing into padding-free rows; ours packs each
-micro-batch into one padding-free row. Trained tokens/s = response tokens (incl. EOS) of every step but
-the first / seconds in those steps; each side counts its own steps' tokens (TRL: labels != -100 of the
+micro-batch into rows of about twice its longest example. Trained tokens/s = response tokens (incl. EOS)
+of every step but the first / seconds in those steps; each side counts its own steps' tokens (TRL: labels != -100 of the
 step's batches). Each side runs in its own process; peak memory is that process's.
 """
 
