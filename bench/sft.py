@@ -1,117 +1,134 @@
-"""SFT throughput: TRL's SFTTrainer vs our `sft` stage, same model, data, batch, LoRA, one GPU.
+"""SFT throughput: TRL's SFTTrainer vs our `sft` stage, same model, records, batch, LoRA and precision.
 
     python bench/sft.py --sizes 270m,1b          # on the GPU
+    python bench/sft.py --sizes small            # CPU, ~17M parameters (part of `bench/suite.py --cpu`)
     python bench/sft.py --tiny                   # CPU smoke run (a few steps, tiny model)
 
-Both train one epoch over the same Alpaca-like records (lognormal lengths) on response tokens only;
-trained tokens/s = response tokens (incl. EOS) of the epoch / seconds spent in training steps.
-TRL uses packing with best-fit decreasing (padding-free); ours packs each micro-batch into one
-padding-free row. Printed: tokens/s, peak memory, MFU (6·N·all tokens/s), ratio ours/TRL.
+Both train one epoch over the same Alpaca-like records (lognormal lengths, every record fits `max_len`)
+on response tokens only. TRL packs with best-fit decreasing into padding-free rows; ours packs each
+micro-batch into rows of about twice its longest example. Trained tokens/s = response tokens (incl. EOS)
+of every step but the first / seconds in those steps; each side counts its own steps' tokens (TRL: labels != -100 of the
+step's batches). Each side runs in its own process; peak memory is that process's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-import torch
-
-from common import (H100_BF16_FLOPS, alpaca_records, build_model, keep_known, mfu, peak_memory, reset_memory,
-                    run_ours, step_timer, table, write_jsonl)
-
-
-def response_tokens(records, tokenizer, template) -> tuple[int, int]:
-    """(response tokens incl. EOS, all tokens) of the records, as both trainers see them."""
-    prompts = tokenizer([template.render(r["instruction"], r["input"]) for r in records])["input_ids"]
-    responses = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
-    return sum(len(r) + 1 for r in responses), sum(len(p) + len(r) + 1 for p, r in zip(prompts, responses))
+from common import (DTYPE, GPU, H100_BF16_FLOPS, SUMMARY, after_warmup, alpaca_records, build_model, compare_row,
+                    fit_records, in_child, keep_known, memory_unit, profiler_of, mfu, ours_steps, parameters, reset_memory,
+                    run_ours, trl_common, trl_timer, write_jsonl, write_outputs)
 
 
-def run_trl(model_dir: Path, records, template, args, lora: bool, out: Path) -> dict:
+def ours(spec: dict) -> dict:
+    """Our sft stage on spec's model and records; trained tokens/s after the first step."""
+    recipe = {"output_dir": spec["out"], "seed": 0,
+              "model": {"name_or_path": spec["model"], "dtype": DTYPE,
+                        "gradient_checkpointing": spec["checkpointing"]},
+              "lora": {"r": 16, "alpha": 32, "dropout": 0.0} if spec["lora"] else None,
+              "data": {"train": spec["data"], "template": "alpaca", "max_len": spec["max_len"], "packing": True},
+              "train": {"epochs": 1, "batch_size": spec["micro"], "micro_batch_size": spec["micro"], "lr": 2e-4,
+                        "log_every": 1, "eval_every": 0, "save_every": 0, "warmup_ratio": 0.03,
+                        "report_to": []},
+              "samples": 0}
+    result = run_ours("sft", recipe, Path(spec["out"]), profiler_of(spec))
+    return after_warmup(*ours_steps(result, "perf/trained_tokens_per_s"))
+
+
+def trl(spec: dict) -> dict:
+    import json
+
+    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    from data_formats.templates import load_template
+
+    template = load_template("alpaca")
+    records = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(spec["model"])
     data = Dataset.from_list([{"prompt": template.render(r["instruction"], r["input"]), "completion": r["output"]}
                               for r in records])
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    rows = max(1, round(args.micro * args.mean_len / args.max_len))  # packed rows holding ~micro examples
-    config = keep_known(SFTConfig, output_dir=str(out / "trl"), per_device_train_batch_size=rows,
-                        gradient_accumulation_steps=1, num_train_epochs=1, max_steps=args.max_steps or -1,
-                        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.03,
-                        max_length=args.max_len, packing=True, packing_strategy="bfd", padding_free=True,
-                        completion_only_loss=True, bf16=torch.cuda.is_available(),
-                        gradient_checkpointing=args.checkpointing, logging_steps=10 ** 9, save_strategy="no",
-                        report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
-    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear") if lora else None
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16 if GPU else torch.float32)
+    rows = max(1, round(spec["micro"] * spec["mean_len"] / spec["max_len"]))  # packed rows holding ~micro examples
+    config = keep_known(SFTConfig, **trl_common(Path(spec["out"]), rows), gradient_accumulation_steps=1,
+                        num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.03,
+                        max_length=spec["max_len"], packing=True, packing_strategy="bfd", padding_free=True,
+                        completion_only_loss=True, gradient_checkpointing=spec["checkpointing"])
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear") if spec["lora"] else None
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=peft)
-
-    timer = step_timer()
-    trainer.add_callback(timer)
+    timer = trl_timer(trainer, profiler=profiler_of(spec), count=lambda inputs: (inputs["labels"] != -100).sum())
     reset_memory()
     trainer.train()
-    return {"seconds": timer.seconds, "memory": peak_memory(), "steps": trainer.state.global_step}
+    return after_warmup(timer.stamps, timer.work)
+
+
+def prepare(size: str, out: Path, records: int, max_len: int) -> dict:
+    """Model folder and records (fitted to max_len) of one size; returns the spec both sides share."""
+    from transformers import AutoTokenizer
+
+    from data_formats.templates import load_template
+
+    model_dir = build_model(size, out / f"model-{size}")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = fit_records(alpaca_records(records, prompt_words=max_len * 0.12, response_words=max_len * 0.3,
+                                      cap=max_len // 2), tok, max_len)
+    template = load_template("alpaca")
+    prompts = sum(len(tok(template.render(r["instruction"], r["input"]))["input_ids"]) for r in rows)
+    trained = sum(len(tok(r["output"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+    data = write_jsonl(out / f"alpaca-{size}.jsonl", rows)
+    return {"model": str(model_dir), "data": str(data), "max_len": max_len, "mean_len": (prompts + trained) / len(rows),
+            "all_per_trained": (prompts + trained) / trained}
+
+
+def rows_for(size: str, out: Path, args) -> list[dict]:
+    """Summary rows (SFT LoRA and full) at one size; on a GPU with MFU (6·N·all tokens/s over the peak)."""
+    shared = prepare(size, out, args.records, args.max_len)
+    rows = []
+    for lora in (True, False):
+        mode = "LoRA r=16" if lora else "full"
+        spec = {**shared, "lora": lora, "micro": args.micro, "checkpointing": args.checkpointing,
+                "profile": args.profile}
+        o = in_child("sft", "ours", {**spec, "out": str(out / f"ours-{size}-{mode[:4]}")})
+        t = in_child("sft", "trl", {**spec, "out": str(out / f"trl-{size}-{mode[:4]}")})
+        row = compare_row(f"SFT {mode} ({size})", "trained tok/s", o, t, 0)
+        for side, r in (("ours", o), ("TRL", t)):
+            row[f"MFU {side}"] = mfu(parameters(size), r.get("rate", 0.0) * shared["all_per_trained"],
+                                     args.peak_flops)
+        rows.append(row)
+    return rows
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", type=int, default=0, help="torch.profiler over this many steps after the first, "
+                   "both sides; tables in <out>/*.profile.txt")
+    p.add_argument("--records", type=int, default=4096)
+    p.add_argument("--micro", type=int, default=16, help="examples per micro-batch (ours)")
+    p.add_argument("--max-len", dest="max_len", type=int, default=1024)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--peak-flops", type=float, default=H100_BF16_FLOPS)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="270m,1b")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, a few steps")
-    p.add_argument("--records", type=int, default=4096)
-    p.add_argument("--micro", type=int, default=16, help="examples per micro-batch (ours)")
-    p.add_argument("--max-len", dest="max_len", type=int, default=1024)
-    p.add_argument("--checkpointing", action="store_true")
-    p.add_argument("--peak-flops", type=float, default=H100_BF16_FLOPS)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
+    add_args(p)
     args = p.parse_args()
     if args.tiny:
         args.sizes, args.records, args.micro, args.max_len = "tiny", 64, 8, 256
-    args.max_steps = None
+    elif args.sizes == "small":
+        args.records, args.micro, args.max_len = min(args.records, 192), 8, 256
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-sft-"))
-    from data_formats.templates import load_template
-    from transformers import AutoTokenizer
-
-    template = load_template("alpaca")
-    records = alpaca_records(args.records, cap=args.max_len // 4)
-    data = write_jsonl(out / "alpaca.jsonl", records)
-    rows = []
-    for size in args.sizes.split(","):
-        model_dir = build_model(size, out / f"model-{size}")
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        trained, total = response_tokens(records, tok, template)
-        args.mean_len = total / len(records)
-        n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
-            model_dir).parameters())
-        for lora in (True, False):
-            mode = "LoRA r=16" if lora else "full"
-            recipe = {"output_dir": str(out / f"ours-{size}-{mode[:4]}"), "seed": 0,
-                      "model": {"name_or_path": str(model_dir), "dtype": "bfloat16" if torch.cuda.is_available()
-                                else "float32", "gradient_checkpointing": args.checkpointing},
-                      "lora": {"r": 16, "alpha": 32, "dropout": 0.0} if lora else None,
-                      "data": {"train": str(data), "template": "alpaca", "max_len": args.max_len, "packing": True},
-                      "train": {"epochs": 1, "batch_size": args.micro, "micro_batch_size": args.micro, "lr": 2e-4,
-                                "log_every": 1, "eval_every": 0, "save_every": 0, "warmup_ratio": 0.03},
-                      "samples": 0}
-            ours = run_ours("sft", recipe, out)
-            try:
-                trl = run_trl(model_dir, records, template, args, lora, out / f"trl-{size}-{mode[:4]}")
-            except Exception as err:  # a TRL version that cannot run here: say why instead of crashing
-                trl = {"seconds": float("nan"), "memory": f"failed: {type(err).__name__}: {str(err)[:80]}"}
-            ours_tps, trl_tps = trained / ours["seconds"], trained / trl["seconds"]
-            for name, r, tps in (("ours", ours, ours_tps), ("TRL SFTTrainer", trl, trl_tps)):
-                rows.append({"model": size, "mode": mode, "trainer": name, "trained tok/s": f"{tps:,.0f}",
-                             "peak memory": r["memory"], "MFU": mfu(n_params, tps * total / trained, args.peak_flops),
-                             "ours/TRL": f"{ours_tps / trl_tps:.2f}x" if name == "ours" and trl_tps == trl_tps else ""})
-    columns = ["model", "mode", "trainer", "trained tok/s", "peak memory", "MFU", "ours/TRL"]
-    print(table(rows, columns))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    rows = [row for size in args.sizes.split(",") for row in rows_for(size, out, args)]
+    print(write_outputs(rows, SUMMARY + (["MFU ours", "MFU TRL"] if GPU else []), args.json,
+                        f"peak memory: {memory_unit()}"))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def label_logprobs(model, input_ids, labels, attention_mask=None, position_ids=N
     taken under `prepare_logits(logits, temperature, suppress_ids)`, the distribution a rollout samples from.
     """
     predict = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
-    cols = predict.any(0).nonzero().squeeze(-1)  # (K,)
+    cols = scored_columns(labels)  # (K,)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=cols, use_cache=False)
     logits = out.logits  # (B, K, V)
@@ -33,6 +33,18 @@ def label_logprobs(model, input_ids, labels, attention_mask=None, position_ids=N
     scored = predict.index_select(1, cols)  # (B, K)
     logprobs, entropy = logprobs_and_entropy(logits, targets, temperature, suppress_ids, with_entropy=with_entropy)
     return logprobs.masked_fill(~scored, 0.0), scored.float(), entropy
+
+
+def scored_columns(labels) -> torch.Tensor:
+    """(K,) the columns t whose next token t+1 is labelled in some row: those `label_logprobs` scores."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
+
+
+def label_segments(labels, segments, mask) -> torch.Tensor:
+    """For packed rows: the sequence (`segments` of the batch, (B, T)) of each label `label_logprobs` scored,
+    −1 where `mask` (its (B, K) output) is 0. (B, K) long, for `rlhf.losses.segment_sums`."""
+    seg = segments[:, 1:].index_select(1, scored_columns(labels))  # position t scores token t+1
+    return seg.masked_fill(mask == 0, -1)
 
 
 def response_logprobs(model, sequences, attention_mask, prompt_width: int, temperature: float = 1.0,

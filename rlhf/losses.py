@@ -28,6 +28,15 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return prod.sum() if dim is None else prod.sum(dim)
 
 
+def segment_sums(x: Tensor, segments: Tensor, n: int) -> Tensor:
+    """Σ x per segment: out[s] = Σ_{i: segments_i = s} x_i for s in 0..n-1 (segment −1: dropped); how
+    sequences packed into rows are summed. A masked sum per segment (deterministic on GPU, unlike index_add).
+    x, segments: same shape (long ids) -> (n,)"""
+    ids = torch.arange(n, device=segments.device)
+    member = segments.reshape(1, -1) == ids[:, None]  # (n, N)
+    return masked_sum(x.reshape(1, -1), member, dim=-1)
+
+
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, normalizer: float | Tensor | None = None) -> Tensor:
     """Σ x·mask / Σ mask, token-weighted. `normalizer` (a global token count) replaces Σ mask.
 

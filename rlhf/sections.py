@@ -112,7 +112,8 @@ class SFTData(DataSection):
     max_prompt_len: Optional[int] = opt(None, "cut longer prompts from the left (keeping BOS and the end, next to the "
                                               "response) before max_len applies; null = never cut prompts", gt=0)
     train_on_prompt: bool = opt(False, "compute the loss on prompt tokens too")
-    packing: bool = opt(False, "pack several examples per row without cross-attention (padding-free)")
+    packing: bool = opt(False, "pack several examples per row without cross-attention (rows of about twice "
+                                   "the longest example of the micro-batch: little padding)")
 
     def validate(self) -> None:
         _check_prompt_room(self.max_prompt_len, self.max_len)
@@ -126,6 +127,8 @@ class PreferenceData(DataSection):
                             "no response, or chosen == rejected, is dropped and counted)", gt=1)
     max_prompt_len: int = opt(256, "cut longer prompts from the left (keeping BOS and the end) to this many tokens; "
                                    "must be less than max_len", gt=0)
+    packing: bool = opt(False, "pack a micro-batch's chosen and rejected sequences into as few rows as fit, without "
+                               "padding or cross-attention (padding-free)")
 
     def validate(self) -> None:
         _check_prompt_room(self.max_prompt_len, self.max_len)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from rlhf import loop
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.data import collate_pairs, eval_shard, load_pairs, to_device
-from rlhf.forward import label_logprobs
-from rlhf.losses import dpo_loss, masked_sum, sequence_logps
+from rlhf.forward import label_logprobs, label_segments
+from rlhf.losses import dpo_loss, masked_sum, segment_sums, sequence_logps
 from rlhf.models import (count_parameters, disable_dropout, load_frozen, load_trainable, reference_model,
                          tokenizer_for)
 from rlhf.saving import save_model
@@ -31,13 +31,21 @@ REF_FILE = "ref_logps.safetensors"
 
 
 def pair_logps(model, batch: dict, average: bool):
-    """Summed (or per-token averaged) response logps of chosen and rejected rows, plus the chosen
-    rows' token logprobs and mask (for the optional SFT term). One forward over 2B rows."""
-    logprobs, mask, _ = label_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-    seq = sequence_logps(logprobs, mask, average=average)  # (2B,)
+    """Summed (or per-token averaged) response logps of the chosen and rejected sequences, (B,) each, and the
+    sum of the chosen responses' token logps (for the optional SFT term). One forward over the batch's rows,
+    padded (one sequence per row) or packed (`collate_pairs(packing=True)`, summed by sequence)."""
+    logprobs, mask, _ = label_logprobs(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                       batch["position_ids"])
+    if batch.get("segments") is None:
+        half = logprobs.shape[0] // 2
+        chosen, rejected = sequence_logps(logprobs, mask, average=average).chunk(2)
+        return chosen, rejected, masked_sum(logprobs[:half].float(), mask[:half])
+    n = batch["margin"].shape[0] * 2
+    segments = label_segments(batch["labels"], batch["segments"], mask)
+    sums = segment_sums(logprobs, segments, n)  # (2B,)
+    seq = sums / segment_sums(mask, segments, n).clamp(min=1) if average else sums
     chosen, rejected = seq.chunk(2)
-    half = logprobs.shape[0] // 2
-    return chosen, rejected, logprobs[:half], mask[:half]
+    return chosen, rejected, sums[:n // 2].float().sum()
 
 
 def run(recipe: DPORecipe) -> Path:
@@ -71,12 +79,12 @@ def run(recipe: DPORecipe) -> Path:
     optimizer = build_optimizer(model.parameters(), recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    pad_id = tokenizer.pad_token_id
+    pad_id, packing = tokenizer.pad_token_id, data.packing
 
     def ref_pass(batch):
         """Reference logps: the frozen copy, or the policy with its adapter switched off."""
         with reference_model(accelerator.unwrap_model(model), reference) as ref:
-            c, r, _, _ = pair_logps(ref, batch, average)
+            c, r, _ = pair_logps(ref, batch, average)
         return c.float(), r.float()
 
     # --- optional: reference logps of every pair, once, kept in the run folder -----------------------
@@ -85,15 +93,15 @@ def run(recipe: DPORecipe) -> Path:
     if dpo.precompute_ref:
         started = time.perf_counter()
         ref_cache = precompute_reference(accelerator, folder.partial / REF_FILE, {"train": train, "eval": evals},
-                                         pad_id, recipe.train.micro_batch_size, ref_pass)
+                                         pad_id, recipe.train.micro_batch_size, ref_pass, packing)
         reference = None  # training now holds only the policy
         precompute_s = time.perf_counter() - started
 
     # --- loss ----------------------------------------------------------------------------------------
     def make_loss(pairs, name):
         def micro_loss(idx, den):
-            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), accelerator.device)
-            pc, pr, chosen_lp, chosen_mask = pair_logps(model, batch, average)
+            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, packing), accelerator.device)
+            pc, pr, chosen_sum = pair_logps(model, batch, average)
             if ref_cache:
                 rows = torch.tensor(idx)
                 rc = ref_cache[f"{name}_chosen"][rows].to(pc.device)
@@ -105,7 +113,7 @@ def run(recipe: DPORecipe) -> Path:
             loss = loss * share
             stats = {k: v.detach() * share for k, v in stats.items()}
             if dpo.sft_coef:
-                nll = -masked_sum(chosen_lp.float(), chosen_mask) / den["chosen_tokens"]
+                nll = -chosen_sum / den["chosen_tokens"]
                 loss = loss + dpo.sft_coef * nll
                 stats["loss/sft"] = nll.detach()
             stats["loss/total"] = loss.detach()
@@ -131,7 +139,7 @@ def run(recipe: DPORecipe) -> Path:
 
 
 def precompute_reference(accelerator, path: Path, splits: dict[str, list], pad_id: int, micro: int,
-                         ref_pass) -> dict[str, torch.Tensor]:
+                         ref_pass, packing: bool = False) -> dict[str, torch.Tensor]:
     """Reference logps of every pair of every split, stored as safetensors (reused when present)."""
     expected = {f"{name}_{side}": len(pairs) for name, pairs in splits.items() for side in ("chosen", "rejected")}
     if path.is_file():
@@ -145,7 +153,7 @@ def precompute_reference(accelerator, path: Path, splits: dict[str, list], pad_i
         chosen = torch.zeros(len(pairs), dtype=torch.float32)
         rejected = torch.zeros(len(pairs), dtype=torch.float32)
         for idx in eval_shard(len(pairs), accelerator.process_index, accelerator.num_processes, micro):
-            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), accelerator.device)
+            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, packing), accelerator.device)
             with accelerator.autocast():
                 c, r = ref_pass(batch)
             chosen[idx], rejected[idx] = c.cpu(), r.cpu()

@@ -54,13 +54,13 @@ def run(recipe: RMRecipe) -> Path:
     optimizer = build_optimizer(model.parameters(), recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    pad_id = tokenizer.pad_token_id
+    pad_id, packing = tokenizer.pad_token_id, data.packing
 
     # --- loss: Bradley-Terry over the step's pairs (chosen rows then rejected rows, one forward) -------
     def make_loss(pairs):
         def micro_loss(idx, den):
-            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), accelerator.device)
-            rewards = rewards_at_last_token(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, packing), accelerator.device)
+            rewards = pair_rewards(model, batch)  # (2B,)
             chosen, rejected = rewards.chunk(2)
             margin = batch["margin"] if any(pairs[i]["margin"] for i in idx) else None
             loss, stats = pairwise_loss(chosen, rejected, margin, recipe.rm.center_coef)
@@ -86,7 +86,7 @@ def run(recipe: RMRecipe) -> Path:
 
     # --- reward normalization: mean/std of scores on held-out (or training) completions -------------
     pairs = evals if (recipe.rm.norm_split == "eval" and evals) else train
-    stats = fit_reward_stats(accelerator, model, pairs, pad_id, recipe.train.micro_batch_size)
+    stats = fit_reward_stats(accelerator, model, pairs, pad_id, recipe.train.micro_batch_size, packing)
     stats["fitted_on"] = "eval" if pairs is evals else "train"
     metrics.update({"reward/mean": stats["mean"], "reward/std": stats["std"]})
 
@@ -108,14 +108,22 @@ def run(recipe: RMRecipe) -> Path:
                                          "trainable_parameters": trainable}, derived=derived(recipe))
 
 
-def fit_reward_stats(accelerator, model, pairs: list[dict], pad_id: int, micro: int) -> dict:
+def pair_rewards(model, batch: dict) -> torch.Tensor:
+    """(2B,) the head at each sequence's last token, chosen then rejected, from padded or packed rows
+    (`collate_pairs`)."""
+    if batch["position_ids"] is None:
+        return rewards_at_last_token(model, batch["input_ids"], batch["attention_mask"])
+    return model(batch["input_ids"], None, batch["position_ids"]).flatten()[batch["last"]]
+
+
+def fit_reward_stats(accelerator, model, pairs: list[dict], pad_id: int, micro: int, packing: bool = False) -> dict:
     """Mean and std of the scores of chosen and rejected completions (all processes together)."""
     model.eval()
     s = {"n": 0.0, "sum": 0.0, "sq": 0.0}
     with torch.no_grad(), accelerator.autocast():
         for idx in eval_shard(len(pairs), accelerator.process_index, accelerator.num_processes, micro):
-            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id), accelerator.device)
-            r = rewards_at_last_token(model, batch["input_ids"], batch["attention_mask"]).float()
+            batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, packing), accelerator.device)
+            r = pair_rewards(model, batch).float()
             s["n"] += r.numel()
             s["sum"] += float(r.sum())
             s["sq"] += float((r ** 2).sum())

@@ -1,8 +1,9 @@
 """`sft` stage: supervised fine-tuning on Alpaca-format instructions, with LoRA or in full.
 
 Loss: next-token cross-entropy on response tokens only (unless `data.train_on_prompt`), averaged over
-all trained tokens of the accumulated multi-process batch. `data.packing` concatenates the examples of
-a micro-batch into one padding-free row whose position ids restart at each example.
+all trained tokens of the accumulated multi-process batch. `data.packing` packs the examples of a
+micro-batch into a few rows of about twice the longest example (`rlhf.data.balanced_rows`), position ids
+restarting at each example.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from data_formats.chat import make_format
 from data_formats.readers import Invalid, Raw, read_records
 from data_formats.schemas import hh_split, parse_alpaca, parse_preference, parse_prompt
 from data_formats.templates import load_template
-from rlhf.data import (IGNORE_INDEX, collate_pairs, collate_sft, encode_preferences, encode_sft, load_split,
-                       plan_batches, read_corpus)
+from rlhf.data import (IGNORE_INDEX, balanced_rows, collate_pairs, collate_sft, encode_preferences, encode_sft,
+                       load_split, plan_batches, read_corpus)
 from rlhf.errors import DataError, UserError
 from rlhf.sections import PreferenceData, PromptData, SFTData, TaskSuiteSection
 from tests.conftest import write_jsonl
@@ -159,6 +159,33 @@ def test_packing_restarts_positions_and_masks_boundaries():
     assert packed["attention_mask"] is None
     padded = collate_sft(rows, pad_id=0, packing=False)
     assert padded["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+def test_packed_sft_rows_are_balanced_at_about_twice_the_longest_example():
+    assert balanced_rows([5, 4, 3, 3, 2, 1]) == [[0, 3, 5], [1, 2, 4]]  # 18 tokens: 2 rows of 9, longest first
+    assert balanced_rows([4, 3]) == [[0, 1]]
+    rows = [{"input_ids": [1] + [5] * (n - 1), "labels": [-100] + [5] * (n - 1)} for n in (5, 4, 3, 3, 2, 1)]
+    packed = collate_sft(rows, pad_id=0, packing=True)
+    assert packed["input_ids"].shape == (2, 9) and (packed["input_ids"] == 0).sum() == 0  # no padding here
+    assert packed["position_ids"][1].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
+    assert int((packed["labels"] != -100).sum()) == sum(n - 1 for n in (5, 4, 3, 3, 2, 1))
+
+
+def test_packed_pairs_fill_rows_first_fit_decreasing():
+    pairs = [{"prompt_ids": [1, 5], "chosen_ids": [6, 7, 8, 2], "rejected_ids": [9, 2], "margin": 0.0},
+             {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3, 3, 2], "margin": 1.0}]
+    batch = collate_pairs(pairs, pad_id=0, packing=True)
+    # sequences 0..3 = chosen 0, chosen 1, rejected 0, rejected 1 of lengths 6, 2, 4, 4: rows of width 6, and
+    # the short chosen 1 fills the row of rejected 0 (three rows where padding takes four)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8, 2], [1, 5, 9, 2, 1, 2], [1, 3, 3, 2, 0, 0]]
+    assert batch["segments"].tolist() == [[0] * 6, [2, 2, 2, 2, 1, 1], [3, 3, 3, 3, -1, -1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5]]
+    assert batch["labels"].tolist() == [[-100, -100, 6, 7, 8, 2], [-100, -100, 9, 2, -100, 2],
+                                        [-100, 3, 3, 2, -100, -100]]
+    assert batch["attention_mask"] is None and batch["margin"].tolist() == [0.0, 1.0]
+    flat = batch["input_ids"].flatten()
+    assert flat[batch["last"]].tolist() == [2, 2, 2, 2]  # each sequence's last token (EOS here)
+    assert batch["last"].tolist() == [5, 11, 9, 15]
 
 
 def test_hh_conversion_and_mismatch():

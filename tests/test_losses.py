@@ -11,7 +11,7 @@ import torch
 from rlhf.losses import (aggregate_loss, discounted_returns, dpo_loss, entropy_from_logits, gae, grpo_advantages,
                          kl_loss, kl_penalized_rewards, logprobs_and_entropy, logprobs_from_logits, masked_mean,
                          masked_var, masked_whiten, pairwise_loss, per_token_kl, ppo_policy_loss, ppo_value_loss,
-                         prepare_logits, rloo_advantages, sequence_logps)
+                         prepare_logits, rloo_advantages, segment_sums, sequence_logps)
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +57,17 @@ def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():
     adv, ret = gae(rewards, values, mask, 1.0, 1.0)
     assert torch.allclose(adv, torch.tensor([[0.5, 0.8, 0.9, 0.0]]))
     assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_segment_sums_match_a_loop():
+    x = torch.randn(3, 7)
+    segments = torch.randint(-1, 4, (3, 7))
+    expected = torch.zeros(5)
+    for value, s in zip(x.flatten().tolist(), segments.flatten().tolist()):
+        if s >= 0:
+            expected[s] += value
+    assert torch.allclose(segment_sums(x, segments, 5), expected, atol=1e-6)
+    assert segment_sums(x, segments, 5)[4] == 0  # a segment with no members sums to 0
 
 
 def test_masked_whiten_and_split_batch_means():

@@ -171,6 +171,85 @@ def test_packing_gives_the_same_loss_as_padding(chain):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+def test_packed_pairs_score_as_padded_ones(chain):
+    """Rewards (rm) and summed or averaged response logps (dpo) of packed pairs match the padded batch's."""
+    from rlhf.data import collate_pairs, load_pairs
+    from stages.dpo import pair_logps
+    from stages.rm import pair_rewards
+    from tests.chain import recipe
+
+    scorer = load_scorer(str(chain["rm"]))
+    pairs = load_pairs(recipe("rm", chain["root"]).data, scorer.tokenizer, 0)[0][:5]
+    padded, packed = (collate_pairs(pairs, scorer.tokenizer.pad_token_id, packing) for packing in (False, True))
+    # no more rows, no wider (these pairs are 14 to 20 tokens: two never share a row of the longest's width)
+    assert packed["input_ids"].shape[0] <= padded["input_ids"].shape[0]
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
+    policy = load_model(str(chain["pretrain"])).eval()
+    with torch.no_grad():
+        assert torch.allclose(pair_rewards(scorer.model, packed), pair_rewards(scorer.model, padded), atol=1e-5)
+        for average in (False, True):
+            for a, b in zip(pair_logps(policy, packed, average), pair_logps(policy, padded, average)):
+                assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_packed_pairs_give_the_padded_dpo_loss_gradients_and_rewards():
+    """On a tiny float32 Llama built here: DPO loss (sigmoid on sums, ipo on per-token means) and every parameter's
+    gradient, and reward-model scores, are the same from packed rows as from one padded row per sequence."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhf.data import collate_pairs
+    from rlhf.losses import dpo_loss
+    from rlhf.models import ScalarHead
+    from stages.dpo import pair_logps
+    from stages.rm import pair_rewards
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, attn_implementation="sdpa")
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(3, 64, (n,), generator=gen).tolist()
+
+    pairs = [{"prompt_ids": [1] + ids(p), "chosen_ids": ids(c) + [2], "rejected_ids": ids(r) + [2], "margin": 0.0}
+             for p, c, r in [(5, 9, 3), (2, 4, 12), (8, 1, 6), (3, 15, 2), (6, 6, 7)]]
+    padded, packed = (collate_pairs(pairs, 0, packing) for packing in (False, True))
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    ref = torch.randn(2, len(pairs), generator=gen) - 20
+
+    policy = LlamaForCausalLM(config).float()
+    for loss_type in ("sigmoid", "ipo"):
+        results = []
+        for batch in (padded, packed):
+            policy.zero_grad()
+            chosen, rejected, chosen_sum = pair_logps(policy, batch, average=loss_type == "ipo")
+            loss, _ = dpo_loss(chosen, rejected, ref[0], ref[1], beta=0.1, loss_type=loss_type)
+            (loss + 1e-3 * chosen_sum).backward()
+            grads = torch.cat([p.grad.flatten() for p in policy.parameters()])
+            results.append((loss.detach(), chosen.detach(), rejected.detach(), chosen_sum.detach(), grads))
+        for a, b in zip(*results):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert results[0][-1].abs().sum() > 0
+
+    head = ScalarHead(LlamaForSequenceClassification(config.__class__(**{**config.to_dict(), "num_labels": 1})))
+    with torch.no_grad():
+        assert torch.allclose(pair_rewards(head, packed), pair_rewards(head, padded), atol=1e-5)
+
+
+def test_packed_rm_and_dpo_runs_train_as_padded_ones(chain, tmp_path):
+    """`data.packing: true` runs rm and dpo (live and precomputed reference) and logs the padded runs' losses."""
+    extra = ["train.max_steps=2", "train.eval_every=0", "train.log_every=1", "train.warmup_ratio=0"]
+    for stage, key, more in (("rm", "train/loss/pairwise", []), ("dpo", "train/loss/dpo", ["train.lr=3e-3"]),
+                             ("dpo", "train/loss/dpo", ["train.lr=3e-3", "dpo.precompute_ref=true"])):
+        losses = []
+        for packing in ("false", "true"):
+            run = run_stage(stage, chain["root"], *extra, *more, f"data.packing={packing}",
+                            f"output_dir={tmp_path}/{stage}-{len(more)}-{packing}")
+            assert manifest(run)["recipe"]["data"]["packing"] is (packing == "true")
+            losses.append(series(run, key))
+        assert len(losses[1]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-4)
+
+
 def test_reward_model_learns_ignores_padding_and_reloads(chain):
     run = chain["rm"]
     m = manifest(run)
