@@ -475,7 +475,7 @@ def test_generation_fits_prompts_to_the_model_positions():
     long, short = [1] + list(range(3, 40)) * 3, [1, 5, 6]
     batch = collate_prompts([{"prompt_ids": long}, {"prompt_ids": short}], 0)
     cfg = GenerateSection(max_new_tokens=8, temperature=0.0)
-    gen = generate(model, batch["input_ids"], batch["attention_mask"], cfg, eos_id=2, pad_id=0)
+    gen = generate(model, batch["input_ids"], batch["attention_mask"], cfg, stop_ids=[2], pad_id=0)
     assert gen.sequences.shape[1] <= 32 and gen.prompt_width == 24
     kept = gen.sequences[0, :gen.prompt_width].tolist()
     assert kept == fit_prompt(long, 32, 8, 1) == [1] + long[-23:]
