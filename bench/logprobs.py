@@ -8,7 +8,7 @@ What PPO's update computes per micro-batch: the log-probs of the labels and the 
 gradient, then the backward of Σ w1·logprob + w2·entropy (w random). Variants:
   before  the two functions rlhf.losses had before the chunked version (copied below): float32
           log-softmax of the whole tensor, one pass for the log-probs and one for the entropy;
-  ours    rlhf.losses.logprobs_and_entropy: rows in chunks, one pass, softmax recomputed in backward;
+  ours    rlhf.logprobs.logprobs_and_entropy: rows in chunks, one pass, softmax recomputed in backward;
   TRL     trl.trainer.utils.selective_log_softmax + entropy_from_logits (its CPU paths).
 Each variant runs in its own process. Memory: after the logits exist and a warm-up on 4 rows, the
 process's peak resident set (VmHWM) is reset to its current size (Linux /proc/self/clear_refs, value
@@ -58,7 +58,7 @@ def run_variant(name: str, logits, labels, temperature: float):
     if name == "before":
         return logprobs_from_logits_before(logits, labels, temperature), entropy_from_logits_before(logits, temperature)
     if name == "ours":
-        from rlhf.losses import logprobs_and_entropy
+        from rlhf.logprobs import logprobs_and_entropy
 
         return logprobs_and_entropy(logits, labels, temperature)
     from trl.trainer.utils import entropy_from_logits, selective_log_softmax

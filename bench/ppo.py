@@ -90,7 +90,7 @@ def decode(spec: dict) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.data import collate_prompts
+    from rlhf.batching import collate_prompts
     from rlhf.rollout import ENGINES, row_keys
 
     device = "cuda" if GPU else "cpu"

@@ -23,52 +23,25 @@ import contextlib
 import datetime
 import fcntl
 import glob
-import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import socket
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rlhf.checkpoint import newest_complete
 from rlhf.config import dump_yaml, recipe_hash, to_dict
 from rlhf.errors import UserError, describe, warn
+from rlhf.files import git_commit, package_versions, sha256_file, sha256_tree, write_json_atomic, write_text_atomic
 from rlhf.recipes import PARENT_STAGES, RECIPES, input_paths
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-COMPLETE = "complete.json"  # written last into a checkpoint: every file with its size
 INPUTS = "inputs.json"  # in checkpoints/: the input hashes the checkpoints were trained on
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors",
-            "huggingface_hub", "trl", "numpy")
-
-
-# ---------------------------------------------------------------------------------------------
-# small helpers
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_tree(path: str | Path) -> str:
-    """One hash over a folder: relative paths and file contents, in sorted order."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(root)).encode())
-        h.update(sha256_file(file).encode())
-    return h.hexdigest()
 
 
 def hash_input(path_or_id: str) -> dict:
@@ -81,54 +54,6 @@ def hash_input(path_or_id: str) -> dict:
     if p.is_dir():
         return {"path": str(p.resolve()), "kind": "folder", "sha256": sha256_tree(p)}
     return {"hub_id": path_or_id, "kind": "hub"}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a new temp file and a rename: never half-written, and never written through a
-    symbolic link (a link at `path` is replaced, not followed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # a leftover of a killed write, or a planted link: removed, never followed
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def package_versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_commit() -> dict | None:
-    """Commit of the project's source tree (and whether it had uncommitted changes)."""
-    src = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
-                               capture_output=True, text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def read_manifest(run_dir: str | Path) -> dict | None:
@@ -216,47 +141,6 @@ def _finite_or_none(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints: complete or not
-
-
-def mark_complete(folder: Path) -> None:
-    """Mark a checkpoint folder complete: `complete.json`, written last, lists every file with its size."""
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    write_json_atomic(folder / COMPLETE, {"files": files})
-
-
-def incomplete_reason(folder: Path) -> str | None:
-    """Why a checkpoint folder is not as `mark_complete` recorded it (truncated, half-deleted, never
-    finished); None when it is complete."""
-    try:
-        files = json.loads((folder / COMPLETE).read_text())["files"]
-        listed = [(str(name), int(size)) for name, size in files.items()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return f"no readable {COMPLETE}"
-    for name, size in listed:
-        try:
-            actual = (folder / name).stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        if actual != size:
-            return f"{name} has {actual} of its {size} bytes"
-    return None
-
-
-def newest_complete(checkpoints: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete `step-*` checkpoint, and the newer incomplete ones passed over (with why)."""
-    if not checkpoints.is_dir():
-        return None, []
-    skipped = []
-    for path in sorted((p for p in checkpoints.iterdir() if p.name.startswith("step-")), reverse=True):
-        reason = incomplete_reason(path)
-        if reason is None:
-            return path, skipped
-        skipped.append((path, reason))
-    return None, skipped
 
 
 # ---------------------------------------------------------------------------------------------

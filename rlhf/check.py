@@ -17,11 +17,13 @@ from data_formats.chat import CHAT, make_format
 from data_formats.schemas import parse_alpaca, parse_preference, parse_prompt
 from data_formats.tasks import has_gold
 from rlhf.artifacts import check_parents, expect_run
-from rlhf.data import (IGNORE_INDEX, collate_pairs, encode_preferences, encode_prompts, encode_sft, length_stats,
-                       load_gold_prompts, load_split, read_corpus, read_prompts)
+from rlhf.data import (IGNORE_INDEX, encode_preferences, encode_prompts, encode_sft, length_stats, load_gold_prompts,
+                       load_split, read_corpus, read_prompts)
+from rlhf.batching import collate_pairs
 from rlhf.errors import UserError
 from rlhf.losses import last_token_index
-from rlhf.models import load_tokenizer, model_dir, stop_token_ids, tokenizer_for
+from rlhf.models import model_dir
+from rlhf.tokenization import load_tokenizer, stop_token_ids, tokenizer_for
 from rlhf.recipes import REWARD_RUNS, load_recipe
 from rlhf.rewards import check_records, load_reward_fn
 from rlhf.tracking import check_installed

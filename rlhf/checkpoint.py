@@ -3,7 +3,7 @@
 A checkpoint is written to `checkpoints/.tmp-step-N/`, sealed with `complete.json` (every file and its
 size, written last) and renamed to `checkpoints/step-N/`, so a kill during a save leaves the previous
 checkpoint intact, and a checkpoint truncated or half-deleted later is recognized as incomplete
-(`artifacts.newest_complete` passes over it). Weights are safetensors; optimizer and scheduler states
+(`newest_complete` passes over it). Weights are safetensors; optimizer and scheduler states
 are loaded with `torch.load(weights_only=True)`; RNG states are JSON and safetensors (no pickle anywhere).
 
 Under FSDP or DeepSpeed the sharded model and optimizer states are saved by `accelerator.save_state`,
@@ -24,9 +24,10 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
-from rlhf.artifacts import mark_complete, write_json_atomic
+from rlhf.files import write_json_atomic
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+COMPLETE = "complete.json"  # written last into a checkpoint: every file with its size
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -128,3 +129,44 @@ def load(path: Path, accelerator, modules: dict, optimizers: dict, schedulers: d
     if rng_json.is_file():
         _set_rng_state(json.loads(rng_json.read_text()), load_file(str(path / f"rng-rank{rank}.safetensors")))
     return json.loads((path / "state.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# sealed checkpoints: complete or not
+
+
+def mark_complete(folder: Path) -> None:
+    """Mark a checkpoint folder complete: `complete.json`, written last, lists every file with its size."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    write_json_atomic(folder / COMPLETE, {"files": files})
+
+
+def incomplete_reason(folder: Path) -> str | None:
+    """Why a checkpoint folder is not as `mark_complete` recorded it (truncated, half-deleted, never
+    finished); None when it is complete."""
+    try:
+        files = json.loads((folder / COMPLETE).read_text())["files"]
+        listed = [(str(name), int(size)) for name, size in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"no readable {COMPLETE}"
+    for name, size in listed:
+        try:
+            actual = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} of its {size} bytes"
+    return None
+
+
+def newest_complete(checkpoints: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete `step-*` checkpoint, and the newer incomplete ones passed over (with why)."""
+    if not checkpoints.is_dir():
+        return None, []
+    skipped = []
+    for path in sorted((p for p in checkpoints.iterdir() if p.name.startswith("step-")), reverse=True):
+        reason = incomplete_reason(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped

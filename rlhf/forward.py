@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from rlhf.data import IGNORE_INDEX
-from rlhf.losses import logprobs_and_entropy
+from rlhf.logprobs import logprobs_and_entropy
 from rlhf.models import position_ids_from_mask
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from rlhf.artifacts import MANIFEST, read_manifest, write_json_atomic
+from rlhf.artifacts import MANIFEST, read_manifest
+from rlhf.files import write_json_atomic
 from rlhf.errors import UserError
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from rlhf.data import eval_shard, plan_batches, steps_per_epoch
+from rlhf.batching import eval_shard, plan_batches, steps_per_epoch
 from rlhf.errors import UserError
 from rlhf.optim import StepGuard, optimizer_step
 from rlhf.runtime import global_sum, global_sums, micro_batch

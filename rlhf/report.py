@@ -16,7 +16,8 @@ import html
 import json
 from pathlib import Path
 
-from rlhf.artifacts import read_manifest, write_text_atomic
+from rlhf.artifacts import read_manifest
+from rlhf.files import write_text_atomic
 from rlhf.card import markdown_table, win_rate_table
 from rlhf.errors import UserError, describe, warn
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
-from rlhf.data import plan_batches, warn_long_prompts
+from rlhf.data import warn_long_prompts
+from rlhf.batching import plan_batches
 from rlhf.errors import UserError
 from rlhf.models import (ScalarHead, count_parameters, disable_dropout, load_frozen, load_trainable, module_bytes,
                          score_head)
@@ -138,7 +139,7 @@ def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], gener
 
 def rollout_rows(n_prompts: int, ppo, iteration: int, rank: int, world: int, seed: int) -> tuple[list, list]:
     """This process's rows of iteration `iteration` (`episodes` of its share of the epoch's prompt order, which
-    `rlhf.data.plan_batches` deals out), and the indices their sampling noise is keyed by."""
+    `rlhf.batching.plan_batches` deals out), and the indices their sampling noise is keyed by."""
     per_epoch = n_prompts // ppo.rollout_batch_size
     (mine,) = plan_batches(n_prompts, ppo.rollout_batch_size, ppo.rollout_batch_size // world, rank, world, seed,
                            iteration // per_epoch, iteration % per_epoch)

@@ -3,7 +3,7 @@
 An engine is a function `(model, input_ids, attention_mask, cfg, stop_ids, pad_id, keys=, synced=) ->
 Generation`; `ENGINES` maps the names a recipe's `generate.engine` takes to them, so a faster engine
 (vLLM, a CUDA-graph decoder) can be added without touching the stages. `stop_ids` are every id that ends a
-response (`rlhf.models.stop_token_ids`: EOS, the generation config's list, the chat template's end of turn
+response (`rlhf.tokenization.stop_token_ids`: EOS, the generation config's list, the chat template's end of turn
 such as `<|im_end|>`). Every engine returns responses truncated after the first stop id and right-padded
 with the pad token, with a mask that is 1 on real response tokens (the stop token included).
 
@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from rlhf.losses import prepare_logits
+from rlhf.logprobs import prepare_logits
 
 
 @dataclass
@@ -214,7 +214,7 @@ def generate_batches(model, prompt_ids: list[list[int]], cfg, stop_ids: Sequence
     first prompt, Generation). `keys` (one per prompt, see `row_keys`) make each row's sample independent of
     the batching. `min_batches`: generate calls to make at least; a call beyond the prompts decodes a one-token
     placeholder whose row is not a prompt's (synced processes with fewer prompts join the forwards)."""
-    from rlhf.data import collate_prompts
+    from rlhf.batching import collate_prompts
 
     size = cfg.batch_size
     for start in range(0, max(min_batches * size, len(prompt_ids)), size):
@@ -229,14 +229,14 @@ def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine:
              seed: int = 0, step: int = 0, first: int = 0, batches: int = 0,
              synced: bool = False, stop_ids: Sequence[int] | None = None) -> list[dict]:
     """Decode completions for prompts: [{'completion', 'ended', 'tokens'}], each ending at the first of
-    `stop_ids` (default: the tokenizer's, `rlhf.models.stop_token_ids(tokenizer)`: EOS and its chat template's
+    `stop_ids` (default: the tokenizer's, `rlhf.tokenization.stop_token_ids(tokenizer)`: EOS and its chat template's
     end of turn; pass the model's own list, read from its folder, when there is one).
 
     `first`: index of prompt_ids[0] in a longer list sharded over processes (the seeded noise is keyed by
     it, so a shard decodes as the whole list would). `batches`: generate calls to make at least (see
     `generate_batches`).
     """
-    from rlhf.models import stop_token_ids
+    from rlhf.tokenization import stop_token_ids
 
     stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
     keys = row_keys(seed, step, range(first, first + len(prompt_ids)), device)

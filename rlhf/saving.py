@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from rlhf.artifacts import write_json_atomic
-from rlhf.models import STATS_FILE, ScalarHead, hf_model, model_dir, stop_token_ids
+from rlhf.files import write_json_atomic
+from rlhf.models import STATS_FILE, ScalarHead, hf_model, model_dir
+from rlhf.tokenization import stop_token_ids
 
 def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str | None = None) -> dict:
     """Write `path` as an HF folder: a peft adapter (its `base_model_name_or_path` = `base`) or a full

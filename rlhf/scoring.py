@@ -28,10 +28,10 @@ from data_formats.chat import TextFormat, declared_text_template, make_format
 from data_formats.readers import Raw
 from data_formats.schemas import parse_prompt
 from rlhf.artifacts import expect_run
-from rlhf.data import pad
+from rlhf.batching import pad
 from rlhf.losses import last_token_index
-from rlhf.models import (STATS_FILE, ScalarHead, load_model, load_tokenizer, model_dir, model_file,
-                         position_ids_from_mask)
+from rlhf.models import STATS_FILE, ScalarHead, load_model, model_dir, model_file, position_ids_from_mask
+from rlhf.tokenization import load_tokenizer
 from rlhf.recipes import REWARD_RUNS
 from rlhf.rollout import Generation, decode_responses
 

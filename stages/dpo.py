@@ -17,11 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from rlhf import loop
 from rlhf.artifacts import RunFolder, check_parents
-from rlhf.data import collate_pairs, eval_shard, load_pairs, to_device
+from rlhf.data import load_pairs
+from rlhf.batching import collate_pairs, eval_shard, to_device
 from rlhf.forward import label_logprobs, label_segments
 from rlhf.losses import dpo_loss, masked_sum, segment_sums, sequence_logps
-from rlhf.models import (count_parameters, disable_dropout, load_frozen, load_trainable, reference_model,
-                         tokenizer_for)
+from rlhf.models import count_parameters, disable_dropout, load_frozen, load_trainable, reference_model
+from rlhf.tokenization import tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import DPORecipe, derived

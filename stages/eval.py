@@ -19,11 +19,13 @@ import torch
 
 from data_formats.chat import make_format
 from data_formats.tasks import grade, has_gold
-from rlhf.artifacts import RunFolder, check_parents, write_json_atomic
+from rlhf.artifacts import RunFolder, check_parents
+from rlhf.files import write_json_atomic
 from rlhf.card import markdown_table, percent, win_rate_table
 from rlhf.data import encode_prompts, read_prompts
 from rlhf.forward import response_logprobs
-from rlhf.models import load_model, load_tokenizer, stop_token_ids
+from rlhf.models import load_model
+from rlhf.tokenization import load_tokenizer, stop_token_ids
 from rlhf.recipes import EvalRecipe
 from rlhf.rollout import decode_responses, generate_batches, row_keys
 from rlhf.runtime import partial_state, seed_everything

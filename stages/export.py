@@ -25,7 +25,8 @@ from rlhf.card import chat_usage, lineage, model_card
 from rlhf.data import encode_prompts, fit_prompt, model_positions, read_prompts
 from rlhf.errors import UserError
 from rlhf.hub import push_run
-from rlhf.models import DTYPES, STATS_FILE, hf_model, load_model, load_tokenizer, model_dir, model_info, stop_token_ids
+from rlhf.models import DTYPES, STATS_FILE, hf_model, load_model, model_dir, model_info
+from rlhf.tokenization import load_tokenizer, stop_token_ids
 from rlhf.runtime import partial_state
 from rlhf.saving import set_generation_ids, verify_model_dir
 from rlhf.recipes import ExportRecipe

@@ -23,7 +23,7 @@ from data_formats.chat import make_format
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
-from rlhf.models import stop_token_ids, tokenizer_for
+from rlhf.tokenization import stop_token_ids, tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
 from rlhf.ppo import (ADVANTAGES, Experience, global_whiten_stats, iterations_of, load_prompts, no_grad_passes,

@@ -20,7 +20,8 @@ from rlhf.data import length_stats, read_corpus
 from rlhf.errors import UserError
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import DEFAULT_PAD, count_parameters, load_tokenizer
+from rlhf.models import count_parameters
+from rlhf.tokenization import DEFAULT_PAD, load_tokenizer
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import PretrainRecipe, derived

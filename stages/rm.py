@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 
 from rlhf import loop
-from rlhf.artifacts import RunFolder, check_parents, write_json_atomic
+from rlhf.artifacts import RunFolder, check_parents
+from rlhf.files import write_json_atomic
 from rlhf.checkpoint import SHARDED
-from rlhf.data import collate_pairs, eval_shard, load_pairs, to_device
+from rlhf.data import load_pairs
+from rlhf.batching import collate_pairs, eval_shard, to_device
 from rlhf.errors import UserError
 from rlhf.losses import pairwise_loss
-from rlhf.models import STATS_FILE, ScalarHead, count_parameters, load_trainable, tokenizer_for
+from rlhf.models import STATS_FILE, ScalarHead, count_parameters, load_trainable
+from rlhf.tokenization import tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import RMRecipe, derived

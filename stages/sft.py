@@ -2,7 +2,7 @@
 
 Loss: next-token cross-entropy on response tokens only (unless `data.train_on_prompt`), averaged over
 all trained tokens of the accumulated multi-process batch. `data.packing` packs the examples of a
-micro-batch into a few rows of about twice the longest example (`rlhf.data.balanced_rows`), position ids
+micro-batch into a few rows of about twice the longest example (`rlhf.batching.balanced_rows`), position ids
 restarting at each example.
 """
 
@@ -14,10 +14,12 @@ from pathlib import Path
 from data_formats.schemas import parse_alpaca
 from rlhf import loop
 from rlhf.artifacts import RunFolder, check_parents
-from rlhf.data import IGNORE_INDEX, collate_sft, encode_sft, length_stats, load_split, prompt_ids, to_device
+from rlhf.data import IGNORE_INDEX, encode_sft, length_stats, load_split, prompt_ids
+from rlhf.batching import collate_sft, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import count_parameters, load_trainable, stop_token_ids, tokenizer_for
+from rlhf.models import count_parameters, load_trainable
+from rlhf.tokenization import stop_token_ids, tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import SFTRecipe, derived

@@ -23,7 +23,7 @@ from data_formats.schemas import parse_alpaca, parse_preference, parse_prompt
 from data_formats.templates import available, load_template
 from rlhf.data import IGNORE_INDEX, encode_preferences, encode_prompts, encode_sft, load_split, prompt_ids
 from rlhf.errors import DataError, UserError
-from rlhf.models import load_tokenizer, stop_token_ids
+from rlhf.tokenization import load_tokenizer, stop_token_ids
 from rlhf.sections import PreferenceData, PromptData, SFTData, TaskSuiteSection, TokenizerSection
 from tests.conftest import write_jsonl
 from tests.families import CHATML_TEMPLATE, base, chatml, llama3
@@ -580,7 +580,7 @@ def test_eval_and_sample_tables_stop_at_the_end_of_turn():
 
 def generation(prompt_ids: list[int], responses: list[list[int]], ended: list[bool], pad_id: int):
     """A Generation of one prompt and several responses (right-padded)."""
-    from rlhf.data import pad
+    from rlhf.batching import pad
     from rlhf.rollout import Generation
 
     mask = pad([[1] * len(r) for r in responses], 0)

@@ -11,8 +11,8 @@ from data_formats.chat import make_format
 from data_formats.readers import Invalid, Raw, read_records
 from data_formats.schemas import hh_split, parse_alpaca, parse_preference, parse_prompt
 from data_formats.templates import load_template
-from rlhf.data import (IGNORE_INDEX, balanced_rows, collate_pairs, collate_sft, encode_preferences, encode_sft,
-                       load_split, plan_batches, read_corpus)
+from rlhf.data import IGNORE_INDEX, encode_preferences, encode_sft, load_split, read_corpus
+from rlhf.batching import balanced_rows, collate_pairs, collate_sft, plan_batches
 from rlhf.errors import DataError, UserError
 from rlhf.sections import PreferenceData, PromptData, SFTData, TaskSuiteSection
 from tests.conftest import write_jsonl

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import (aggregate_loss, discounted_returns, dpo_loss, entropy_from_logits, gae, grpo_advantages,
-                         kl_loss, kl_penalized_rewards, logprobs_and_entropy, logprobs_from_logits, masked_mean,
-                         masked_var, masked_whiten, pairwise_loss, per_token_kl, ppo_policy_loss, ppo_value_loss,
-                         prepare_logits, rloo_advantages, segment_sums, sequence_logps)
+from rlhf.losses import (aggregate_loss, discounted_returns, dpo_loss, gae, grpo_advantages, kl_loss,
+                         kl_penalized_rewards, masked_mean, masked_var, masked_whiten, pairwise_loss, per_token_kl,
+                         ppo_policy_loss, ppo_value_loss, rloo_advantages, segment_sums, sequence_logps)
+from rlhf.logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits, prepare_logits
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rlhf import checkpoint
 from rlhf.cli import main
 from rlhf.forward import response_logprobs
-from rlhf.models import ScalarHead, apply_lora, disable_dropout, hf_model, load_tokenizer
+from rlhf.models import ScalarHead, apply_lora, disable_dropout, hf_model
+from rlhf.tokenization import load_tokenizer
 from rlhf.monitor import OverOptimizationMonitor
 from rlhf.ppo import critic_values, filtered_sampling_warning
 from rlhf.roles import fold_normalization, load_roles
@@ -93,7 +94,7 @@ def test_the_critic_starts_on_the_normalized_reward_scale(chain, tmp_path, lora)
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.data import pad
+    from rlhf.batching import pad
     from rlhf.saving import save_model
     from rlhf.scoring import rewards_at_last_token
 
@@ -252,7 +253,8 @@ def test_engines_agree_on_greedy_rollouts(chain, engine, stops):
     """Greedy decoding has no randomness: transformers' generate and our seeded decoder must return the
     same left-padded sequences, response masks (up to the first stop token) and ended flags, with EOS alone
     or with a second stop id (as a chat model's end of turn) that ends some rows before their EOS."""
-    from rlhf.data import collate_prompts, encode_prompts, load_split
+    from rlhf.data import encode_prompts, load_split
+    from rlhf.batching import collate_prompts
     from rlhf.models import load_model
     from rlhf.rollout import generate
     from data_formats.schemas import parse_prompt
@@ -433,7 +435,7 @@ def test_processes_run_the_same_forwards_and_shard_the_gold_evaluation(chain, tm
 
 def test_every_ppo_logprob_forbids_the_pad_token_as_the_rollout_did(chain, tmp_path, monkeypatch):
     """The rollout engines never sample the pad token; old, reference and update log-probs (and the entropy) must
-    be taken under that same distribution (rlhf.losses.prepare_logits with the pad id suppressed)."""
+    be taken under that same distribution (rlhf.logprobs.prepare_logits with the pad id suppressed)."""
     import rlhf.ppo
 
     calls = []

@@ -464,7 +464,8 @@ def test_generation_fits_prompts_to_the_model_positions():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.data import collate_prompts, fit_prompt
+    from rlhf.data import fit_prompt
+    from rlhf.batching import collate_prompts
     from rlhf.rollout import generate
     from rlhf.sections import GenerateSection
 

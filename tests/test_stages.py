@@ -11,10 +11,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.data import collate_sft, encode_sft, load_split
+from rlhf.data import encode_sft, load_split
+from rlhf.batching import collate_sft
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
-from rlhf.models import load_model, load_tokenizer
+from rlhf.models import load_model
+from rlhf.tokenization import load_tokenizer
 from rlhf.sections import SFTData
 from rlhf.scoring import load_scorer
 from data_formats.schemas import parse_alpaca
@@ -128,7 +130,7 @@ def test_sft_loss_is_one_token_weighted_mean_over_the_accumulated_batch(chain, t
     """Step 1 (before any update) with 1 micro-batch of 16, 4 micro-batches of 4, and packed micro-batches:
     the same loss, equal to sum(NLL) / sum(trained tokens) over the step's examples, which differs from
     a mean of per-micro-batch means on these uneven lengths."""
-    from rlhf.data import plan_batches
+    from rlhf.batching import plan_batches
     from tests.chain import recipe
 
     common = ["train.max_steps=1", "train.batch_size=16", "train.eval_every=0", "train.log_every=1", "samples=0"]
@@ -173,7 +175,8 @@ def test_packing_gives_the_same_loss_as_padding(chain):
 
 def test_packed_pairs_score_as_padded_ones(chain):
     """Rewards (rm) and summed or averaged response logps (dpo) of packed pairs match the padded batch's."""
-    from rlhf.data import collate_pairs, load_pairs
+    from rlhf.data import load_pairs
+    from rlhf.batching import collate_pairs
     from stages.dpo import pair_logps
     from stages.rm import pair_rewards
     from tests.chain import recipe
@@ -197,7 +200,7 @@ def test_packed_pairs_give_the_padded_dpo_loss_gradients_and_rewards():
     gradient, and reward-model scores, are the same from packed rows as from one padded row per sequence."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhf.data import collate_pairs
+    from rlhf.batching import collate_pairs
     from rlhf.losses import dpo_loss
     from rlhf.models import ScalarHead
     from stages.dpo import pair_logps
