@@ -311,7 +311,8 @@ class StepProfiler:
         elif self.ticks == 1 + self.n and self.prof is not None:
             self.prof.__exit__(None, None, None)
             key = "self_cuda_time_total" if GPU else "self_cpu_time_total"
-            Path(self.path).write_text(self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+            table = self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60)
+            Path(self.path).write_text(table)
             self.prof = None
 
 

@@ -63,8 +63,8 @@ def trl(spec: dict) -> dict:
 def rows_for(size: str, out: Path, args, packing_rows: list | None = None) -> list[dict]:
     """The summary row at one size; with a `packing_rows` list, ours again with padded rows (data.packing
     false) and a packed-vs-padded row appended to it."""
-    spec = {**prepare_pairs(size, out, args.records, args.max_len), "micro": args.micro, "checkpointing": args.checkpointing,
-            "profile": args.profile, "packing": args.packing}
+    spec = {**prepare_pairs(size, out, args.records, args.max_len), "micro": args.micro,
+            "checkpointing": args.checkpointing, "profile": args.profile, "packing": args.packing}
     o = in_child("rm", "ours", {**spec, "out": str(out / f"rm-ours-{size}")})
     t = in_child("rm", "trl", {**spec, "out": str(out / f"rm-trl-{size}")})
     if packing_rows is not None and args.packing:

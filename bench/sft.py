@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from common import (DTYPE, GPU, H100_BF16_FLOPS, SUMMARY, after_warmup, alpaca_records, build_model, compare_row,
-                    fit_records, in_child, keep_known, memory_unit, profiler_of, mfu, ours_steps, parameters, reset_memory,
-                    run_ours, trl_common, trl_timer, write_jsonl, write_outputs)
+                    fit_records, in_child, keep_known, memory_unit, profiler_of, mfu, ours_steps, parameters,
+                    reset_memory, run_ours, trl_common, trl_timer, write_jsonl, write_outputs)
 
 
 def ours(spec: dict) -> dict:

@@ -72,9 +72,11 @@ def main() -> None:
     p.add_argument("--ppo-size", dest="ppo_size", default=None, help="size of the RL rows (default: the first)")
     p.add_argument("--only", default="sft,rm,dpo,packing,ppo", help="benchmarks to run (packing: our rm and dpo "
                    "again with padded rows, data.packing false)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of sft, rm and dpo (records = steps x micro)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of every measurement (OMP_NUM_THREADS); "
-                   "with 1, the CPU-seconds ratios hold on a loaded machine")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of sft, rm and dpo (records = steps x micro)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every measurement (OMP_NUM_THREADS); "
+                        "with 1, the CPU-seconds ratios hold on a loaded machine")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
