@@ -56,18 +56,15 @@ demo: setup
 	done
 	$(PY) -m rlhf.cli report runs/tiny --out runs/tiny/report
 
-# The tiny chain on conversations with the shipped ChatML: the task suite as messages, SFT with data.template chat
-# on the tiny pretrained model (runs/tiny/pretrain, shared with `make demo` and kept when it exists), rm, ppo, dpo,
-# eval, export, report. Re-entrant like `make demo`.
-CHAT_STAGES := sft rm ppo dpo eval export
+# The same chain on conversations with the shipped ChatML, one recipe file each in recipes/tiny-chat/: the task
+# suite as messages with a corpus that writes ChatML turns, a tiny model pretrained on it, then sft (data.template
+# chat), rm, ppo, grpo, dpo, eval, export, report. Re-entrant like `make demo`.
+DEMO_CHAT := tasks pretrain sft rm ppo grpo dpo eval export
 demo-chat: setup
-	@for s in tasks pretrain; do \
-	  echo "=== $$s (tiny) ==="; \
-	  $(LAUNCH) $$s recipes/tiny/$$s.yaml resume=true || exit $$?; \
-	done
-	@for s in tasks $(CHAT_STAGES); do \
-	  echo "=== $$s (tiny-chat) ==="; \
-	  $(LAUNCH) $$s recipes/tiny-chat/$$s.yaml resume=true $(ARGS) || exit $$?; \
+	@for r in $(DEMO_CHAT); do \
+	  s=$$(sed -n 's/^stage: *//p' recipes/tiny-chat/$$r.yaml); \
+	  echo "=== $$r (tiny-chat) ==="; \
+	  $(LAUNCH) $$s recipes/tiny-chat/$$r.yaml resume=true $(ARGS) || exit $$?; \
 	done
 	$(PY) -m rlhf.cli report runs/tiny-chat --out runs/tiny-chat/report
 

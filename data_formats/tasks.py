@@ -170,8 +170,12 @@ def _record(family: str, items: Items) -> dict:
             "answer": FAMILIES[family].solve(items)}
 
 
-def generate(cfg, seed: int) -> dict[str, list]:
-    """All splits of the suite from one seed (deterministic). `cfg` is a TaskSuiteSection."""
+def generate(cfg, seed: int, render: Callable[[list[dict]], str] | None = None) -> dict[str, list]:
+    """All splits of the suite from one seed (deterministic). `cfg` is a TaskSuiteSection. `render`: the prompt of
+    a chat template for the user turn [{'role': 'user', ...}] (`user_message`): the corpus then states an instance
+    in the prompt's form as that prompt followed by the answer, as the plain form is the plain template's prompt
+    followed by the answer (neither ends the answer: ending a reply is what SFT teaches). None = the plain form. It
+    draws no random numbers: every split but the corpus's text is the same either way."""
     unknown = [f for f in cfg.families if f not in FAMILIES]
     if unknown or not cfg.families:
         raise ValueError(f"families: expected names from {', '.join(FAMILIES)}, got {cfg.families}")
@@ -212,7 +216,11 @@ def generate(cfg, seed: int) -> dict[str, list]:
             if (family, tuple(items)) in held_out:
                 continue  # the held-out instances never appear anywhere in training data
             form = rng_corpus.choice(FAMILIES[family].statements)
-            lines.append(form.format(x=_join(items), y=FAMILIES[family].solve(items)))
+            if render is not None and form.startswith(FAMILIES[family].instruction):
+                user = user_message(FAMILIES[family].instruction, _join(items))
+                lines.append(render([{"role": "user", "content": user["content"]}]) + FAMILIES[family].solve(items))
+            else:
+                lines.append(form.format(x=_join(items), y=FAMILIES[family].solve(items)))
         corpus.append("\n".join(lines))
 
     return {

@@ -259,14 +259,28 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # LoRA
 
 
-def apply_lora(model: nn.Module, lora, task: str = "causal_lm") -> nn.Module:
-    """Wrap `model` with a fresh LoRA adapter; for scalar models the head is always trained."""
+def apply_lora(model: nn.Module, lora, task: str = "causal_lm", token_ids: list[int] | None = None) -> nn.Module:
+    """Wrap `model` with a fresh LoRA adapter; for scalar models the head is always trained. `token_ids`: tokens
+    whose embedding rows are trained too (peft's trainable tokens; with untied output embeddings, their output
+    rows as well; tied ones follow the input rows)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    embed = _module_name(model, model.get_input_embeddings())
+    output = model.get_output_embeddings() if task != "seq_cls" else None
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    tokens = None
+    if token_ids:  # a tied output layer follows the input rows (peft ties them); an untied one gets its own rows
+        tokens = {embed: list(token_ids)}
+        if output is not None and not tied:
+            tokens[_module_name(model, output)] = list(token_ids)
+    embeddings = {embed, _module_name(model, output)} if output is not None else {embed}
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules, modules_to_save=list(lora.modules_to_save) or None,
         task_type=TaskType.SEQ_CLS if task == "seq_cls" else TaskType.CAUSAL_LM,
+        trainable_token_indices=tokens,
+        # a trained copy of tied embeddings stays tied (else the output layer keeps the frozen rows)
+        ensure_weight_tying=tied and bool(embeddings & set(lora.modules_to_save)),
     )
     try:
         peft_model = get_peft_model(model, config)
@@ -283,6 +297,25 @@ def apply_lora(model: nn.Module, lora, task: str = "causal_lm") -> nn.Module:
     return peft_model
 
 
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    """The last part of `module`'s name inside `model` ('embed_tokens', 'lm_head', 'wte', ...)."""
+    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+
+
+def trainable_token_ids(tokenizer, rows: int, lora_section) -> list[int]:
+    """The ids of `lora.trainable_tokens`: 'auto' = every token the tokenizer has beyond the model's `rows`
+    embedding rows (added by this run: the ChatML turn tokens, a new pad); a list names tokens, each one that the
+    tokenizer knows."""
+    if lora_section.trainable_tokens == "auto":
+        return list(range(rows, len(tokenizer)))
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in lora_section.trainable_tokens if t not in vocab]
+    if missing:
+        raise UserError(f"{', '.join(map(repr, missing))} not in the tokenizer's vocabulary", None,
+                        "lora.trainable_tokens")
+    return [vocab[t] for t in lora_section.trainable_tokens]
+
+
 def load_trainable(model_section, lora_section, tokenizer, task: str = "causal_lm", spec: str | None = None,
                    key: str = "model.name_or_path") -> nn.Module:
     """The model a stage trains, from its recipe's `model` and `lora` sections: `spec` (default
@@ -295,7 +328,11 @@ def load_trainable(model_section, lora_section, tokenizer, task: str = "causal_l
                        **_load_options(model_section))
     rows = model.get_input_embeddings().weight.shape[0]
     resize_embeddings(model, len(tokenizer))
-    if lora_section is not None:
+    token_ids = trainable_token_ids(tokenizer, rows, lora_section) if lora_section is not None else []
+    if token_ids:
+        note(f"LoRA also trains the embedding rows of {' '.join(tokenizer.convert_ids_to_tokens(token_ids))} "
+             f"(lora.trainable_tokens)")
+    elif lora_section is not None:
         _note_untrained_tokens(tokenizer, rows, lora_section)
     if task == "seq_cls":
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -303,7 +340,7 @@ def load_trainable(model_section, lora_section, tokenizer, task: str = "causal_l
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if lora_section is not None:
-        model = apply_lora(model, lora_section, task)
+        model = apply_lora(model, lora_section, task, token_ids)
     keep_float32(model, "all" if lora_section is not None else "heads")
     return model
 
@@ -315,7 +352,8 @@ def _note_untrained_tokens(tokenizer, rows: int, lora_section) -> None:
            if i >= rows and t.content in (tokenizer.chat_template or "")]
     if new and not {"embed_tokens", "lm_head"} & set(lora_section.modules_to_save):
         note(f"note: {' '.join(new)} are new to this model and start with the same embedding, which LoRA does not "
-             f"train: the model cannot tell them apart; fine-tune in full (lora: null) to learn them")
+             f"train: the model cannot tell them apart; train their rows (lora.trainable_tokens: auto) or fine-tune "
+             f"in full (lora: null)")
 
 
 def keep_float32(model: nn.Module, which: str = "all") -> None:

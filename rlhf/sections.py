@@ -44,6 +44,10 @@ class LoraSection:
     dropout: float = opt(0.05, "dropout on the LoRA input (PPO turns dropout off in every role)", ge=0, lt=1)
     target_modules: Union[str, list[str]] = opt("all-linear", "module names to adapt, or 'all-linear'")
     modules_to_save: list[str] = opt([], "extra modules trained in full and saved with the adapter")
+    trainable_tokens: Union[Literal["auto"], list[str]] = opt(
+        "auto", "tokens whose embedding rows (and output rows) are trained beside LoRA, saved in the adapter: "
+                "'auto' = the tokens this run adds to the vocabulary (the ChatML turn tokens model.chat_template "
+                "installs), or a list of token strings ([] = none)")
     quantization: Literal["none", "4bit"] = opt("none", "'4bit' = QLoRA: frozen base in NF4 via bitsandbytes (GPU)")
 
 
@@ -176,6 +180,10 @@ class TokenizerSection:
     existing: Optional[str] = opt(None, "use this tokenizer (run folder, model folder or hub id) instead of "
                                         "training one")
     pad_token: Optional[str] = opt(None, "pad token to add when the existing tokenizer has none or pads with EOS")
+    chat_template: Optional[str] = opt(None, "chat template to install (a shipped name such as chatml, or a .jinja "
+                                             "file); the special tokens it declares are whole tokens of the new "
+                                             "vocabulary, so a corpus that writes them (tasks.corpus_template) "
+                                             "teaches the model its turns")
 
 
 @dataclass(kw_only=True)
@@ -345,6 +353,11 @@ class TaskSuiteSection:
     corpus_documents: int = opt(20000, "pretraining corpus documents", gt=0)
     format: Literal["alpaca", "messages"] = opt("alpaca", "record files as Alpaca fields, or as conversations "
                                                           "(messages; chosen/rejected turns) for data.template: chat")
+    corpus_template: Optional[str] = opt(None, "chat template (chatml or a .jinja file) whose prompt the corpus "
+                                               "writes before the answer of the instances it states in the prompt's "
+                                               "form (then corpus.jsonl, since the user turn holds a blank line; "
+                                               "pretrain with tokenizer.chat_template set to the same); null = the "
+                                               "plain prompt form, corpus.txt")
 
     def validate(self) -> None:
         if self.max_items < self.min_items:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from data_formats.chat import install_template, installed_tokens, load_chat_template
 from rlhf import loop
 from rlhf.artifacts import RunFolder
 from rlhf.data import length_stats, read_corpus
@@ -31,25 +32,34 @@ BOS, EOS = "<s>", "</s>"
 
 
 def train_tokenizer(docs: list[str], section, max_len: int):
-    """Byte-level BPE (GPT-2 style pre-tokenization) with <|pad|>, <s> (added in front) and </s>.
+    """Byte-level BPE (GPT-2 style pre-tokenization) with <|pad|>, <s> (added in front) and </s>, and, with
+    `tokenizer.chat_template`, the special tokens that template declares (ChatML's <|im_start|> <|im_end|>): each is
+    one token wherever the corpus writes it, and the template is installed.
 
     `tokenizer.existing` goes through the project's loader: a missing path is one line, and the pad
     token is guaranteed and never EOS (masking by pad id would hide EOS)."""
     if section.existing:
-        return load_tokenizer(section.existing, "tokenizer.existing", pad_token=section.pad_token)
+        return load_tokenizer(section.existing, "tokenizer.existing", pad_token=section.pad_token,
+                              chat_template=section.chat_template)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    template = load_chat_template(section.chat_template, "tokenizer.chat_template") if section.chat_template else ""
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=section.vocab_size, min_frequency=section.min_frequency,
-                                  special_tokens=[DEFAULT_PAD, BOS, EOS], show_progress=False,
+                                  special_tokens=[DEFAULT_PAD, BOS, EOS, *installed_tokens(template)],
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=DEFAULT_PAD,
-                                   model_max_length=max_len)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=DEFAULT_PAD,
+                                        model_max_length=max_len)
+    if section.chat_template:
+        install_template(tokenizer, section.chat_template, "tokenizer.chat_template")
+    return tokenizer
 
 
 def pack_documents(docs: list[str], tokenizer, max_len: int) -> list[list[int]]:

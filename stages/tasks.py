@@ -8,7 +8,10 @@ Output (all JSONL in the formats of data_formats.schemas, plus the corpus as tex
     prefs_eval.jsonl   held-out pairs
     prompts.jsonl      prompts for PPO rollouts
     eval_prompts.jsonl held-out prompts with "task" and "answer" (gold scoring)
-With `tasks.format: messages` the record files are conversations instead (`tasks.as_conversations`).
+With `tasks.format: messages` the record files are conversations instead (`tasks.as_conversations`). With
+`tasks.corpus_template` (e.g. chatml) the corpus writes the instances it states in the prompt's form as that
+template's prompt for the user turn followed by the answer, in corpus.jsonl ({"text"} per document; the user turn
+holds a blank line) instead of corpus.txt.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 
 from data_formats import tasks
+from data_formats.chat import load_chat_template, render_conversation
 from rlhf.artifacts import RunFolder
 from rlhf.errors import UserError
 from rlhf.runtime import partial_state
@@ -30,8 +34,12 @@ def run(recipe: TasksRecipe) -> Path:
     if folder.finished:
         return folder.final
 
+    render = None
+    if recipe.tasks.corpus_template:
+        source = load_chat_template(recipe.tasks.corpus_template, "tasks.corpus_template")
+        render = lambda messages: render_conversation(source, messages, add_generation_prompt=True)  # noqa: E731
     try:
-        suite = tasks.generate(recipe.tasks, recipe.seed)
+        suite = tasks.generate(recipe.tasks, recipe.seed, render)
     except ValueError as err:
         raise UserError(str(err), None, "tasks") from None
     if recipe.tasks.format == "messages":
@@ -39,8 +47,12 @@ def run(recipe: TasksRecipe) -> Path:
 
     files = {}
     if state.is_main_process:
-        (folder.partial / "corpus.txt").write_text("\n\n".join(suite.pop("corpus")) + "\n")
-        files["corpus.txt"] = recipe.tasks.corpus_documents
+        corpus = suite.pop("corpus")
+        if render is None:  # documents separated by blank lines
+            (folder.partial / "corpus.txt").write_text("\n\n".join(corpus) + "\n")
+        else:  # conversations hold blank lines: one JSON document per line
+            (folder.partial / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus))
+        files["corpus.txt" if render is None else "corpus.jsonl"] = recipe.tasks.corpus_documents
         for name, rows in suite.items():
             with open(folder.partial / f"{name}.jsonl", "w") as f:
                 for row in rows:

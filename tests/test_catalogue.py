@@ -208,6 +208,13 @@ STAGE_CASES.update({
     "rm: margin beyond the float range": (
         "rm", lambda c, t: [f"data.train={pairs_with_margin(t, b'1' + b'0' * 400)}", "data.eval=null"],
         "{t}/p.jsonl:1: margin: must be a finite number, got 100000000000...(401 digits)"),
+    "tasks: unknown corpus template": ("tasks", lambda c, t: ["tasks.corpus_template=chatml2"],
+                                       "tasks.corpus_template: unknown chat template 'chatml2' (shipped: chatml"),
+    "pretrain: unknown chat template": ("pretrain", lambda c, t: ["tokenizer.chat_template=chatml2"],
+                                        "tokenizer.chat_template: unknown chat template 'chatml2'"),
+    "sft: trainable token not in the vocabulary": (
+        "sft", lambda c, t: ["lora.trainable_tokens=[<|eot_id|>]"],
+        "lora.trainable_tokens: '<|eot_id|>' not in the tokenizer's vocabulary"),
     # checked when the recipe loads, not by save_pretrained after the parity check
     "export: bad max_shard_size": ("export", lambda c, t: [f"source={c['sft']}", "export.max_shard_size=5XB"],
                                    "command line: export.max_shard_size: expected a positive whole number with a "

@@ -472,25 +472,58 @@ def test_task_suite_as_conversations():
         assert rec.prompt == parse_prompt(Raw("a", alpaca), fmt).prompt and tasks.has_gold(rec.meta)
 
 
-# --- stages ------------------------------------------------------------------------------------------------------
+def test_the_task_corpus_can_state_instances_after_a_chat_prompt_and_pretraining_learns_those_tokens():
+    """tasks.corpus_template: a prompt-form statement becomes ChatML's prompt for the user turn followed by the
+    answer (as the plain form is the plain prompt followed by the answer; neither ends the reply), drawing no
+    random numbers: every split and every other corpus line is as in the plain corpus. tokenizer.chat_template:
+    the new tokenizer has <|im_start|>/<|im_end|> as single special tokens and renders the chat prompts that SFT
+    trains."""
+    from data_formats.chat import load_chat_template, render_conversation
+    from stages.pretrain import train_tokenizer
+
+    source = load_chat_template("chatml")
+    cfg = small_suite(families=list(tasks.FAMILIES))
+    plain = tasks.generate(cfg, seed=0)
+    chat = tasks.generate(cfg, seed=0, render=lambda m: render_conversation(source, m, add_generation_prompt=True))
+    assert {k: v for k, v in chat.items() if k != "corpus"} == {k: v for k, v in plain.items() if k != "corpus"}
+    turns = 0
+    for p_doc, c_doc in zip(plain["corpus"], chat["corpus"], strict=True):
+        lines = iter(p_doc.split("\n"))
+        rebuilt = []
+        for line in lines:  # a prompt-form statement is three lines: instruction, list, answer
+            family = next((f for f, fam in tasks.FAMILIES.items() if fam.instruction == line), None)
+            if family is None:
+                rebuilt.append(line)
+                continue
+            items, answer = next(lines), next(lines)
+            rebuilt.append(f"<|im_start|>user\n{line}\n\n{items}<|im_end|>\n<|im_start|>assistant\n{answer}")
+            turns += 1
+        assert "\n".join(rebuilt) == c_doc
+    assert turns > 100
+    tok = train_tokenizer(chat["corpus"], TokenizerSection(vocab_size=400, chat_template="chatml"), 128)
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ids = tok(chat["corpus"][0], add_special_tokens=False)["input_ids"]
+    assert ids.count(start) == chat["corpus"][0].count("<|im_start|>") > 0 and end in ids
+    row = plain["eval_prompts"][0]
+    prompt = [user(f"{row['instruction']}\n\n{row['input']}")]
+    rendered = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<s>" + render_conversation(source, prompt, add_generation_prompt=True)  # BOS as documents
+    assert stop_token_ids(tok) == [tok.eos_token_id, end]
 
 
-def test_saved_tokenizers_render_the_text_template_they_were_trained_with(chain, tmp_path):
-    """The chain's sft and rm (template plain) and an Alpaca sft: their saved tokenizers' chat template gives
-    exactly the prompt and the token ids the stage trained on, never a template inherited from the base."""
+def test_the_tasks_stage_writes_a_chat_corpus_as_jsonl(chain, tmp_path):
+    """Turns hold blank lines, which separate the documents of a .txt corpus: the chat corpus is corpus.jsonl."""
+    from rlhf.data import read_corpus
     from tests.chain import run_stage
 
-    alpaca = run_stage("sft", chain["root"], "data.template=alpaca", "data.max_len=256", "train.max_steps=1",
-                       "train.eval_every=0", "samples=0", f"output_dir={tmp_path}/alpaca")
-    row = json.loads((chain["tasks"] / "sft.jsonl").read_text().splitlines()[0])
-    question = f"{row['instruction']}\n{row['input']}"
-    for run, name in ((chain["sft"], "plain"), (chain["rm"], "plain"), (alpaca, "alpaca")):
-        saved = AutoTokenizer.from_pretrained(run / "model")
-        expected = load_template(name).render(question)
-        assert saved.apply_chat_template([user(question)], tokenize=False, add_generation_prompt=True) == \
-            "<s>" + expected
-        assert saved.apply_chat_template([user(question)], add_generation_prompt=True)["input_ids"] == \
-            saved(expected)["input_ids"]
+    data = run_stage("tasks", chain["root"], "tasks.format=messages", "tasks.corpus_template=chatml",
+                     f"output_dir={tmp_path}/tasks")
+    assert not (data / "corpus.txt").exists()
+    docs = read_corpus([str(data / "corpus.jsonl")])
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert len(docs) == manifest["files"]["corpus.jsonl"] == (chain["tasks"] / "corpus.txt").read_text().count(
+        "\n\n") + 1
+    assert sum("<|im_start|>assistant\n" in d for d in docs) > len(docs) / 2
 
 
 def test_a_chat_chain_on_the_task_suite_as_conversations(chain, tmp_path):

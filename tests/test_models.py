@@ -74,3 +74,77 @@ def test_lora_modules_to_save_stay_float32_and_the_model_still_runs_in_bfloat16(
     head = hf_model(model).lm_head.modules_to_save["default"]
     before, after = one_small_step(model, head, lambda: -model(input_ids=ids).logits[0, -1].log_softmax(-1)[7])
     assert not torch.equal(before, after)
+
+
+def chatml_tokenizer(folder, cls, **extra):
+    """`tiny`'s model and tokenizer with the shipped ChatML installed: <|im_start|> and <|im_end|> are ids 32, 33,
+    beyond the model's 32 embedding rows."""
+    from data_formats.chat import install_template
+
+    tok = tiny(folder, cls, **extra)
+    install_template(tok, "chatml")
+    assert len(tok) == 34
+    return tok
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lora_trains_the_rows_of_the_tokens_a_chat_template_added_and_nothing_else_of_the_embeddings(tmp_path,
+                                                                                                     tied):
+    tok = chatml_tokenizer(tmp_path, LlamaForCausalLM, tie_word_embeddings=tied)
+    section = ModelSection(name_or_path=str(tmp_path), dtype="bfloat16")
+    model = load_trainable(section, LoraSection(r=4, alpha=8.0), tok)  # trainable_tokens: auto
+    inner = hf_model(model)
+    ids = torch.tensor([[32, 2, 3, 33, 32, 4, 5]])
+
+    def rows():
+        with torch.no_grad():
+            embed = inner.model.embed_tokens(torch.arange(34)[None])[0].float()
+            out = inner.lm_head(inner.model.embed_tokens.weight.new_ones(1, 32).float()
+                                .to(next(inner.lm_head.parameters()).dtype))[0].float()
+        return embed, out
+
+    embed0, out0 = rows()
+    assert torch.equal(embed0[32], embed0[33])  # new rows start alike (the mean of the others)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    embed1, out1 = rows()
+    moved = (embed1 - embed0).abs().amax(-1)
+    assert (moved[32:] > 1e-3).all() and (moved[:32] == 0).all()  # only the new tokens' input rows
+    assert not torch.equal(embed1[32], embed1[33])  # the model can now tell <|im_start|> from <|im_end|>
+    moved_out = (out1 - out0).abs()
+    assert (moved_out[32:] > 0).all()  # and it can write <|im_end|> (tied: through the same rows)
+    # the adapter merges into plain weights that give the same logits (what every later stage and export load)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+        merged = model.merge_and_unload()
+        after = merged(input_ids=ids).logits.float()
+    assert torch.allclose(before, after, atol=2e-2), (before - after).abs().max()
+
+
+def test_a_trained_copy_of_tied_embeddings_stays_tied_to_the_output_layer(tmp_path):
+    tok = chatml_tokenizer(tmp_path, LlamaForCausalLM, tie_word_embeddings=True)
+    section = ModelSection(name_or_path=str(tmp_path))
+    model = load_trainable(section, LoraSection(r=4, alpha=8.0, modules_to_save=["embed_tokens"],
+                                                trainable_tokens=[]), tok)
+    inner = hf_model(model)
+    embed, head = inner.model.embed_tokens, inner.lm_head
+    trained = embed.modules_to_save["default"].weight
+    assert trained.requires_grad
+    assert head.modules_to_save["default"].weight is trained  # without the tie, lm_head kept the frozen rows
+
+
+def test_trainable_tokens_must_be_in_the_vocabulary(tmp_path):
+    from rlhf.errors import UserError
+
+    tok = chatml_tokenizer(tmp_path, LlamaForCausalLM)
+    section = ModelSection(name_or_path=str(tmp_path))
+    with pytest.raises(UserError, match="lora.trainable_tokens") as err:
+        load_trainable(section, LoraSection(r=4, alpha=8.0, trainable_tokens=["<|eot_id|>"]), tok)
+    assert "'<|eot_id|>'" in str(err.value)
+    model = load_trainable(section, LoraSection(r=4, alpha=8.0, trainable_tokens=["<|im_end|>"]), tok)
+    assert any("trainable_tokens" in n for n, p in model.named_parameters() if p.requires_grad)
