@@ -17,7 +17,6 @@ reads a template for `model.chat_template` (the shipped `chatml`, or a .jinja fi
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -267,22 +266,13 @@ def installed_tokens(source: str) -> list[str]:
 
 
 def render_conversation(source: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """`messages` rendered by the chat template `source` without a tokenizer (jinja with the settings
-    transformers renders chat templates with; no special tokens are defined, so nothing is written before the
-    first turn unless the template itself writes it)."""
-    return _compiled(source).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    """`messages` rendered by the chat template `source` without a tokenizer, by transformers' own renderer (the
+    one `apply_chat_template` uses); no special tokens are defined, so nothing is written before the first turn
+    unless the template itself writes it."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-
-@functools.lru_cache(maxsize=8)
-def _compiled(source: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+    rendered, _ = render_jinja_template([messages], chat_template=source, add_generation_prompt=add_generation_prompt)
+    return rendered[0]
 
 
 def load_chat_template(name_or_path: str, key: str = "model.chat_template") -> str:

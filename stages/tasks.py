@@ -49,10 +49,11 @@ def run(recipe: TasksRecipe) -> Path:
     if state.is_main_process:
         corpus = suite.pop("corpus")
         if render is None:  # documents separated by blank lines
-            (folder.partial / "corpus.txt").write_text("\n\n".join(corpus) + "\n")
-        else:  # conversations hold blank lines: one JSON document per line
-            (folder.partial / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus))
-        files["corpus.txt" if render is None else "corpus.jsonl"] = recipe.tasks.corpus_documents
+            name, text = "corpus.txt", "\n\n".join(corpus) + "\n"
+        else:  # a chat prompt holds a blank line: one JSON document per line
+            name, text = "corpus.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in corpus)
+        (folder.partial / name).write_text(text)
+        files[name] = recipe.tasks.corpus_documents
         for name, rows in suite.items():
             with open(folder.partial / f"{name}.jsonl", "w") as f:
                 for row in rows:
