@@ -24,7 +24,6 @@ import datetime
 import fcntl
 import glob
 import json
-import math
 import os
 import shutil
 import socket
@@ -37,6 +36,7 @@ from rlhf.checkpoint import newest_complete
 from rlhf.config import dump_yaml, recipe_hash, to_dict
 from rlhf.errors import UserError, describe, warn
 from rlhf.files import git_commit, package_versions, sha256_file, sha256_tree, write_json_atomic, write_text_atomic
+from rlhf.metrics import finite_or_none
 from rlhf.recipes import PARENT_STAGES, RECIPES, input_paths
 
 MANIFEST = "manifest.json"
@@ -97,50 +97,6 @@ def check_parents(recipe) -> None:
         for name, spec in named:
             if spec:
                 expect_run(spec, set(stages), f"{key}.{name}" if name else key)
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics
-
-
-class MetricsLog:
-    """metrics.jsonl, written by the main process only (trackers such as TensorBoard: `rlhf.tracking`)."""
-
-    def __init__(self, folder: Path, enabled: bool, resume_offset: int | None = None):
-        self.path = folder / "metrics.jsonl"
-        self.enabled = enabled
-        self.last: dict[str, float] = {}
-        if not enabled:
-            return
-        if resume_offset is not None and self.path.exists():
-            # drop lines logged after the checkpoint we resume from: they will be logged again
-            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
-            try:
-                os.ftruncate(fd, resume_offset)
-            finally:
-                os.close(fd)
-        elif resume_offset is None and (self.path.exists() or self.path.is_symlink()):
-            self.path.unlink()
-
-    def offset(self) -> int:
-        return self.path.stat().st_size if self.enabled and self.path.exists() else 0
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        clean = {k: _finite_or_none(v) for k, v in metrics.items()}
-        self.last.update({k: v for k, v in clean.items() if v is not None})
-        if not self.enabled:
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
-
-
-def _finite_or_none(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +402,7 @@ class RunFolder:
                 "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
                 "inputs": self.inputs,
                 "data": self.counts,
-                "metrics": {k: _finite_or_none(v) for k, v in metrics.items()},
+                "metrics": {k: finite_or_none(v) for k, v in metrics.items()},
                 **(extra or {}),
             }
             if (self.partial / "model").is_dir():

@@ -25,7 +25,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from rlhf import checkpoint, tracking
-from rlhf.artifacts import MetricsLog
+from rlhf.metrics import MetricsLog
 from rlhf.errors import Interrupted
 from rlhf.runtime import Interrupt, global_sum
 

@@ -1,6 +1,6 @@
 """Experiment trackers (`train.report_to`): accelerate's own integrations, started and fed by the scaffold.
 
-metrics.jsonl is always written (`rlhf.artifacts.MetricsLog`). Each name in `train.report_to` is an
+metrics.jsonl is always written (`rlhf.metrics.MetricsLog`). Each name in `train.report_to` is an
 accelerate tracker (`Accelerator(log_with=...)`, `init_trackers`, `log`), so TensorBoard, W&B, MLflow,
 trackio, ... receive the same flat `group/name` metrics at the same steps; only the main process logs.
 

@@ -21,7 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rlhf import checkpoint
 from rlhf.cli import main
 from rlhf.forward import response_logprobs
-from rlhf.models import ScalarHead, apply_lora, disable_dropout, hf_model
+from rlhf.lora import apply_lora
+from rlhf.models import ScalarHead, disable_dropout, hf_model
 from rlhf.tokenization import load_tokenizer
 from rlhf.monitor import OverOptimizationMonitor
 from rlhf.ppo import critic_values, filtered_sampling_warning
