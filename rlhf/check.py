@@ -25,6 +25,7 @@ from rlhf.losses import last_token_index
 from rlhf.models import model_dir
 from rlhf.tokenization import load_tokenizer, stop_token_ids, tokenizer_for
 from rlhf.recipes import REWARD_RUNS, load_recipe
+from rlhf.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
 from rlhf.rewards import check_records, load_reward_fn
 from rlhf.tracking import check_installed
 from rlhf.roles import check_reward_stats
@@ -237,6 +238,24 @@ def _print_tokenizer(tokenizer, name: str = "") -> None:
           f"tokens {tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, tokenizer.name_or_path))}")
 
 
+def algorithm_line(recipe) -> str:
+    """What the recipe's registered algorithm is and needs (`rlhf.registry`), e.g. for a ppo recipe
+    'algorithm: grpo (critic-free, each response against its group's mean ...), groups of 4, token ratios'."""
+    if recipe.stage == "dpo":
+        entry = PREFERENCE_LOSSES[recipe.dpo.loss_type]
+        needs = ["no reference model" if entry.reference_free else "a reference model",
+                 "length-normalised log-probs" if entry.length_normalized else "summed log-probs",
+                 "chosen/rejected pairs" if entry.paired else "labelled completions"]
+        return f"algorithm: dpo.loss_type {recipe.dpo.loss_type} ({entry.help}); needs {', '.join(needs)}"
+    ppo = recipe.ppo
+    entry = ADVANTAGE_ESTIMATORS[ppo.advantage_estimator]
+    needs = ["a critic" if entry.needs_critic else "no critic"]
+    if entry.needs_groups:
+        needs.append(f"groups of {ppo.samples_per_prompt} samples per prompt")
+    return (f"algorithm: ppo.advantage_estimator {ppo.advantage_estimator} ({entry.help}); needs {', '.join(needs)}; "
+            f"ppo.ratio_level {ppo.ratio_level} ({POLICY_LOSSES[ppo.ratio_level].help})")
+
+
 def raise_error(message: str, key: str):
     raise UserError(message, None, key)
 
@@ -249,6 +268,8 @@ def main(argv: list[str]) -> int:
     style = Style(sys.stdout.isatty())
     stage = recipe.stage
     print(f"recipe {argv[0]}: stage {stage}, valid")
+    if stage in ("ppo", "dpo"):
+        print(algorithm_line(recipe))
     check_parents(recipe)  # every run folder it names is of a stage that may feed this one
     if hasattr(recipe, "train"):
         check_installed(recipe.train.report_to)  # the packages of the experiment trackers

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from rlhf.registry import PREFERENCE_LOSSES, register_advantage, register_policy_loss, register_preference_loss
+
 Tensor = torch.Tensor
 
 
@@ -207,9 +209,52 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# the registered estimators (ppo.advantage_estimator): (rewards, values, mask, *, gamma, gae_lambda, group_size,
+# scale_by_std) -> (advantages, returns or None). rewards: r_t = −kl_coef·kl_t (kl_in: reward) + the score at the
+# last token; values: the critic's (estimators with needs_critic only). All (B, A).
+
+
+@register_advantage("gae", "PPO with a critic (GAE)", needs_critic=True, whiten="option")
+def gae_estimator(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, gae_lambda: float,
+                  **_) -> tuple[Tensor, Tensor]:
+    return gae(rewards, values, mask, gamma, gae_lambda)
+
+
+@register_advantage("grpo", "critic-free, each response against its group's mean (and std: scale_by_std)",
+                    needs_groups=True)
+def grpo_estimator(rewards: Tensor, values, mask: Tensor, *, group_size: int, scale_by_std: bool,
+                   **_) -> tuple[Tensor, None]:
+    returns = masked_sum(rewards, mask, dim=-1)  # (B,) each response's summed reward
+    return _per_token(grpo_advantages(returns, group_size, scale_by_std), mask)
+
+
+@register_advantage("rloo", "critic-free, each response against the mean of the other k - 1 of its prompt",
+                    needs_groups=True)
+def rloo_estimator(rewards: Tensor, values, mask: Tensor, *, group_size: int, **_) -> tuple[Tensor, None]:
+    return _per_token(rloo_advantages(masked_sum(rewards, mask, dim=-1), group_size), mask)
+
+
+@register_advantage("reinforce_pp", "critic-free REINFORCE++ (returns whitened over the global batch)",
+                    whiten="always")
+def reinforce_pp_estimator(rewards: Tensor, values, mask: Tensor, *, gamma: float, **_) -> tuple[Tensor, None]:
+    # REINFORCE++ (Hu 2025): the per-token KL-shaped return G_t, whitened over the global batch by the stage
+    return discounted_returns(rewards, mask, gamma), None
+
+
+def _per_token(sequence_advantages: Tensor, mask: Tensor) -> tuple[Tensor, None]:
+    """A response's advantage (computed from its summed rewards, within its group) on each of its tokens."""
+    return sequence_advantages[:, None] * mask, None
+
+
+# ---------------------------------------------------------------------------------------------
 # PPO losses (Schulman et al. 2017, eq. 7 and the clipped value loss of the PPO2 baselines)
 
 
+POLICY_STATS = {"loss/policy": "sum", "policy/clipfrac": "mean", "policy/approx_kl": "mean",
+                "policy/ratio_mean": "mean", "policy/ratio_max": "max", "policy/ratio_clamped": "total"}
+
+
+@register_policy_loss("token", "PPO's clipped objective with a ratio per token", POLICY_STATS)
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
                     normalizer: float | Tensor | None = None, max_log_ratio: float = 20.0,
                     loss_agg: str = "token") -> tuple[Tensor, dict]:
@@ -255,6 +300,9 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
     return loss, stats
 
 
+VALUE_STATS = {"loss/value": "sum", "value/clipfrac": "mean", "value/mean": "mean"}
+
+
 def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, normalizer: float | Tensor | None = None,
             loss_agg: str = "token") -> tuple[Tensor, dict]:
     """The KL to the reference as a loss term instead of a reward penalty (GRPO, Shao et al. 2024, eq. 4): the k3
@@ -262,6 +310,9 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, normalizer: fl
     as `aggregate_loss`. The caller weighs it with kl_coef. All (B, A)."""
     loss = aggregate_loss(_k3(logprobs, ref_logprobs), mask, loss_agg, normalizer)
     return loss, {"loss/kl": loss.detach()}
+
+
+KL_STATS = {"loss/kl": "sum"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,17 +339,16 @@ def pairwise_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tens
     return loss, stats
 
 
+@register_preference_loss("sigmoid", "DPO (with label_smoothing: conservative DPO)")
 def _dpo_sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
     # DPO (Rafailov et al. 2023, eq. 7); conservative DPO with label smoothing ε (Mitchell 2023)
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
+@register_preference_loss("ipo", "IPO on length-normalised log-probs", length_normalized=True)
 def _dpo_ipo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
     # IPO (Azar et al. 2023, eq. 17): regress the log-ratio gap to 1/(2β)
     return (h - 1 / (2 * beta)) ** 2
-
-
-DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {"sigmoid": _dpo_sigmoid, "ipo": _dpo_ipo}
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
@@ -306,14 +356,14 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              label_smoothing: float = 0.0) -> tuple[Tensor, dict]:
     """h = (π_c − ref_c) − (π_r − ref_r); loss per `loss_type`, mean over B. Inputs (B,) summed logps
     (per-token averaged for `ipo`)."""
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(DPO_LOSSES)}")
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(PREFERENCE_LOSSES)}")
     if loss_type == "ipo" and label_smoothing:
         raise ValueError("label_smoothing applies to the sigmoid loss only")
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     h = chosen_ratio - rejected_ratio
-    loss = DPO_LOSSES[loss_type](h, beta, label_smoothing).mean()
+    loss = PREFERENCE_LOSSES[loss_type].fn(h, beta, label_smoothing).mean()
     chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
     stats = {"loss/dpo": loss.detach(), "rewards/chosen": chosen_reward.mean(),
              "rewards/rejected": rejected_reward.mean(),

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from data_formats.schemas import parse_prompt
 from rlhf.data import encode_prompts, load_gold_prompts, load_split
 from rlhf.errors import UserError
 from rlhf.forward import response_logprobs
-from rlhf.losses import (aggregate_loss, discounted_returns, gae, grpo_advantages, kl_loss, masked_sum,
-                         ppo_policy_loss, ppo_value_loss, rloo_advantages)
+from rlhf.losses import KL_STATS, VALUE_STATS, aggregate_loss, kl_loss, ppo_value_loss
 from rlhf.models import position_ids_from_mask, reference_model
 from rlhf.optim import optimizer_step
+from rlhf.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 from rlhf.rewards import call_reward_fn, check_records, reward_fn_source
 from rlhf.rollout import Generation, decode_responses
 from rlhf.runtime import global_sum, global_sums, micro_batch
@@ -121,40 +119,24 @@ def score_rollout(scorer, reward_fn, weights: dict, gen: Generation, batch: list
     return sum(weights.get(name, 1.0) * value for name, value in sources.items()), sources
 
 
-# --- advantages: one function per ppo.advantage_estimator, (rewards, values, mask, ppo) -> (advantages, returns)
-# (rewards: r_t = -kl_coef·kl_t with kl_in: reward, + the score at the last token; values: the critic's, gae only)
+# --- advantages: the registered estimator of ppo.advantage_estimator (`rlhf.losses`, `rlhf.registry`) ------------
 
 
-def _gae(rewards, values, mask, ppo):
-    return gae(rewards, values, mask, ppo.gamma, ppo.gae_lambda)
-
-
-def _grpo(rewards, values, mask, ppo):
-    returns = masked_sum(rewards, mask, dim=-1)  # (B,) each response's summed reward
-    return _per_token(grpo_advantages(returns, ppo.samples_per_prompt, ppo.scale_by_std), mask)
-
-
-def _rloo(rewards, values, mask, ppo):
-    return _per_token(rloo_advantages(masked_sum(rewards, mask, dim=-1), ppo.samples_per_prompt), mask)
-
-
-def _reinforce_pp(rewards, values, mask, ppo):
-    # REINFORCE++ (Hu 2025): the per-token KL-shaped return G_t, whitened over the global batch by the stage
-    return discounted_returns(rewards, mask, ppo.gamma), None
-
-
-def _per_token(sequence_advantages: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """A response's advantage (computed from its summed rewards, within its group) on each of its tokens."""
-    return sequence_advantages[:, None] * mask, None
-
-
-ADVANTAGES: dict[str, Callable] = {"gae": _gae, "grpo": _grpo, "rloo": _rloo, "reinforce_pp": _reinforce_pp}
+def estimate_advantages(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, ppo
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(advantages, returns) of the recipe's estimator; returns is None without a critic. All (B, A)."""
+    return ADVANTAGE_ESTIMATORS[ppo.advantage_estimator].fn(
+        rewards, values, mask, gamma=ppo.gamma, gae_lambda=ppo.gae_lambda, group_size=ppo.samples_per_prompt,
+        scale_by_std=ppo.scale_by_std)
 
 
 def whitened(ppo) -> bool:
-    """Whether advantages are whitened over the global batch: always for reinforce_pp (part of the method), as
-    `ppo.whiten_advantages` says for gae, never for grpo / rloo (normalized within each prompt's group)."""
-    return {"gae": ppo.whiten_advantages, "reinforce_pp": True}.get(ppo.advantage_estimator, False)
+    """Whether advantages are whitened over the global batch: as the estimator declares (reinforce_pp always, as
+    part of the method; gae as `ppo.whiten_advantages` says; grpo / rloo never: normalised within each group)."""
+    how = ADVANTAGE_ESTIMATORS[ppo.advantage_estimator].whiten
+    return how == "always" or (how == "option" and ppo.whiten_advantages)
+
+
 def no_grad_passes(actor, critic, reference, sequences, attention_mask, prompt_width: int, micro: int,
                    temperature: float, suppress_ids: tuple[int, ...], autocast,
                    response_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -191,9 +173,32 @@ def global_whiten_stats(accelerator, x: torch.Tensor, mask: torch.Tensor) -> tup
     return mean, var
 
 
-# stats of the losses, by how they combine over micro-batches and processes
-_NORMALIZED = ("loss/policy", "loss/value", "loss/kl", "policy/entropy")  # already divided by the global count
-_LOCAL_MEANS = ("policy/clipfrac", "policy/approx_kl", "policy/ratio_mean", "value/clipfrac", "value/mean")
+class UpdateStats:
+    """The statistics of an update's micro-batches, each reduced over micro-batches, processes and minibatches as
+    the loss that returns it declares (`rlhf.registry.Reduction`); a statistic with no declared reduction is an
+    error, never silently dropped."""
+
+    def __init__(self, reductions: dict[str, str]):
+        self.reductions = reductions
+        self.sums: dict[str, torch.Tensor] = {}
+        self.maxima: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict[str, torch.Tensor], share: torch.Tensor) -> None:
+        """`share`: this micro-batch's share of the global minibatch's tokens (weighs the local means)."""
+        for name, value in stats.items():
+            how = self.reductions.get(name)
+            if how is None:
+                raise KeyError(f"the loss statistic {name!r} declares no reduction (rlhf.registry.Reduction)")
+            if how == "max":
+                self.maxima[name] = torch.maximum(self.maxima[name], value) if name in self.maxima else value
+            else:
+                self.sums[name] = self.sums.get(name, 0.0) + (value * share if how == "mean" else value)
+
+    def reduce(self, accelerator, updates: int) -> dict[str, float]:
+        out = {name: value if self.reductions[name] == "total" else value / updates
+               for name, value in global_sums(accelerator, self.sums).items()}
+        out.update({name: float(accelerator.gather(value.reshape(1)).max()) for name, value in self.maxima.items()})
+        return out
 
 
 def minibatch_rows(local_rows: int, offset: int, minibatches: int, epoch: int, m: int) -> list[int]:
@@ -222,9 +227,9 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
     minibatches, micro = rows_total * world // train.batch_size, train.micro_batch_size
     offset = accelerator.process_index * rows_total
     models = {"actor": actor, **({"critic": critic} if critic is not None else {})}
-    sums: dict[str, torch.Tensor] = {}
+    policy_loss = POLICY_LOSSES[ppo.ratio_level]
+    update_stats = UpdateStats({**policy_loss.stats, **VALUE_STATS, **KL_STATS, "policy/entropy": "sum"})
     same_everywhere: dict[str, float] = {}  # grad norms are identical on every process after sync
-    ratio_max = torch.zeros((), device=response_mask.device)
     updates, epochs_run = 0, 0
     for epoch in range(ppo.ppo_epochs):
         epochs_run += 1
@@ -245,8 +250,9 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
                                                               exp.prompt_width, temperature, with_entropy=True,
                                                               entropy_grad=ppo.entropy_coef != 0,
                                                               suppress_ids=suppress_ids)
-                        loss, stats = ppo_policy_loss(logprobs.float(), exp.old_logprobs[r], exp.advantages[r], mask,
-                                                      ppo.clip_range, normalizer, ppo.max_log_ratio, ppo.loss_agg)
+                        loss, stats = policy_loss.fn(logprobs.float(), exp.old_logprobs[r], exp.advantages[r], mask,
+                                                     clip_range=ppo.clip_range, normalizer=normalizer,
+                                                     max_log_ratio=ppo.max_log_ratio, loss_agg=ppo.loss_agg)
                         ent = aggregate_loss(entropy.float(), mask, ppo.loss_agg, normalizer)
                         loss = loss - ppo.entropy_coef * ent
                         stats["policy/entropy"] = ent.detach()
@@ -265,15 +271,8 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
                     accelerator.backward(loss * world)
                 loss_sum += loss.detach()
                 share = mask.sum() / tokens
-                for k in _NORMALIZED:
-                    if k in stats:
-                        sums[k] = sums.get(k, 0.0) + stats[k]
-                for k in _LOCAL_MEANS:
-                    if k in stats:
-                        sums[k] = sums.get(k, 0.0) + stats[k] * share
+                update_stats.add(stats, share)
                 epoch_kl = epoch_kl + stats["policy/approx_kl"] * share
-                sums["policy/ratio_clamped"] = sums.get("policy/ratio_clamped", 0.0) + stats["policy/ratio_clamped"]
-                ratio_max = torch.maximum(ratio_max, stats["policy/ratio_max"])
             loss_value = float(global_sum(accelerator, loss_sum))
             # one step for every trained model: a non-finite loss skips (and counts) them all together
             out = optimizer_step(accelerator, {name: (model, optimizers[name], schedulers[name])
@@ -287,9 +286,7 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
             kl_now = float(global_sum(accelerator, epoch_kl)) / minibatches
             if kl_now > ppo.early_stop_kl:
                 break
-    out = {k: v / updates for k, v in global_sums(accelerator, sums).items()}
-    out["policy/ratio_clamped"] = out["policy/ratio_clamped"] * updates  # a count over the whole update
-    out["policy/ratio_max"] = float(accelerator.gather(ratio_max.reshape(1)).max())
+    out = update_stats.reduce(accelerator, updates)
     out.update({k: v / updates for k, v in same_everywhere.items()})
     out["policy/epochs"] = epochs_run
     return out

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from data_formats.tasks import FAMILIES, alphabet_problem
+import rlhf.losses  # noqa: F401  (registers the estimators and losses the Literals below list)
 from rlhf.config import opt, req
 from rlhf.errors import RecipeError
+from rlhf.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 # accelerate's experiment trackers (`Accelerator(log_with=...)`), see rlhf.tracking
@@ -210,9 +212,7 @@ class PPOSection:
     reward_weights: dict[str, float] = opt({"reward_model": 1.0, "reward_fn": 1.0},
                                            "weights of the reward model's (normalized) and the reward function's "
                                            "scores in the sum, when both are given")
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = opt(
-        "gae", "gae = PPO with a critic; grpo / rloo = critic-free, the other samples of the same prompt are the "
-               "baseline (samples_per_prompt >= 2); reinforce_pp = critic-free REINFORCE++ (whitened returns)")
+    advantage_estimator: Literal[tuple(ADVANTAGE_ESTIMATORS)] = opt("gae", ADVANTAGE_ESTIMATORS.help())
     samples_per_prompt: int = opt(1, "responses sampled per prompt (k; a group for grpo / rloo)", gt=0)
     scale_by_std: bool = opt(True, "grpo: divide by the group's std (false = Dr. GRPO, mean removed only)")
     kl_in: Literal["reward", "loss"] = opt("reward", "the KL to the reference as a per-token reward penalty, or as "
@@ -224,6 +224,7 @@ class PPOSection:
     ppo_epochs: int = opt(4, "passes (K) over each rollout batch", gt=0)
     gamma: float = opt(1.0, "discount", ge=0, le=1)
     gae_lambda: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    ratio_level: Literal[tuple(POLICY_LOSSES)] = opt("token", POLICY_LOSSES.help())
     clip_range: float = opt(0.2, "policy ratio clip epsilon", gt=0)
     clip_range_value: float = opt(0.2, "value clip epsilon around the rollout values", gt=0)
     vf_coef: float = opt(0.1, "value loss weight in the total loss", ge=0)
@@ -254,16 +255,16 @@ class PPOSection:
     gold_count: int = opt(64, "gold prompts per evaluation", gt=0)
 
     def needs_critic(self) -> bool:
-        """Only GAE learns a value function; the other estimators take their baseline from the samples."""
-        return self.advantage_estimator == "gae"
+        """Whether the estimator learns a value function (gae); the others take their baseline from the samples."""
+        return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_critic
 
     def validate(self) -> None:
         if not self.reward_model and not self.reward_fn:
             raise RecipeError("give ppo.reward_model, ppo.reward_fn or both", key="reward_model")
-        if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+        if ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
             raise RecipeError(f"{self.advantage_estimator} compares the responses of one prompt: needs at least 2, "
                               f"got {self.samples_per_prompt}", key="samples_per_prompt")
-        if self.advantage_estimator == "gae" and self.critic_init == "reward" and not self.reward_model:
+        if self.needs_critic() and self.critic_init == "reward" and not self.reward_model:
             raise RecipeError("there is no reward model to start the critic from; use critic_init: actor",
                               key="critic_init")
         unknown = sorted(set(self.reward_weights) - {"reward_model", "reward_fn"})
@@ -274,7 +275,7 @@ class PPOSection:
 @dataclass(kw_only=True)
 class DPOSection:
     beta: float = opt(0.1, "KL strength beta", gt=0)
-    loss_type: Literal["sigmoid", "ipo"] = opt("sigmoid", "sigmoid = DPO; ipo = IPO on length-normalized logps")
+    loss_type: Literal[tuple(PREFERENCE_LOSSES)] = opt("sigmoid", PREFERENCE_LOSSES.help())
     label_smoothing: float = opt(0.0, "conservative DPO: assumed label-flip probability", ge=0, lt=0.5)
     sft_coef: float = opt(0.0, "weight of an SFT (NLL per token) term on chosen responses", ge=0)
     precompute_ref: bool = opt(False, "compute reference logps once before training (one model in memory)")

@@ -26,6 +26,7 @@ from rlhf.tokenization import tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import DPORecipe, derived
+from rlhf.registry import PREFERENCE_LOSSES
 from rlhf.runtime import make_accelerator, seed_everything
 
 REF_FILE = "ref_logps.safetensors"
@@ -57,7 +58,7 @@ def run(recipe: DPORecipe) -> Path:
     seed_everything(recipe.seed)
     check_parents(recipe)
     model_section, data, dpo = recipe.model, recipe.data, recipe.dpo
-    average = dpo.loss_type == "ipo"  # IPO uses length-normalized logps (Azar et al. 2023)
+    average = PREFERENCE_LOSSES[dpo.loss_type].length_normalized  # IPO: per-token mean logps (Azar et al. 2023)
 
     # --- data --------------------------------------------------------------------------------------
     tokenizer = tokenizer_for(model_section, data.template)

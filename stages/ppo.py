@@ -26,8 +26,8 @@ from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
 from rlhf.tokenization import stop_token_ids, tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
-from rlhf.ppo import (ADVANTAGES, Experience, global_whiten_stats, iterations_of, load_prompts, no_grad_passes,
-                      rollout_metrics, score_rollout, shape_scores, update, whitened)
+from rlhf.ppo import (Experience, estimate_advantages, global_whiten_stats, iterations_of, load_prompts,
+                      no_grad_passes, rollout_metrics, score_rollout, shape_scores, update, whitened)
 from rlhf.rewards import load_reward_fn
 from rlhf.roles import (check_launch, load_roles, prepare_training, reward_scale, rollout_rows, save_trained,
                         startup_notes)
@@ -106,7 +106,7 @@ def run(recipe: PPORecipe) -> Path:
         # 4. rewards: -kl_coef * KL per token (kl_in: reward), the score at the last token; 5. advantages
         kl = per_token_kl(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
         rewards = kl_penalized_rewards(scores, kl, mask, kl_ctl.value if ppo.kl_in == "reward" else 0.0)
-        advantages, returns = ADVANTAGES[ppo.advantage_estimator](rewards, old_values, mask, ppo)
+        advantages, returns = estimate_advantages(rewards, old_values, mask, ppo)
         if whitened(ppo):
             mean, var = global_whiten_stats(accelerator, advantages, mask)
             advantages = masked_whiten(advantages, mask, mean=mean, var=var)
