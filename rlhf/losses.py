@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from rlhf.registry import PREFERENCE_LOSSES, register_advantage, register_policy_loss, register_preference_loss
+from rlhf.preference_losses import dpo_loss, pairwise_loss  # noqa: F401  (re-exported: the preference losses)
+from rlhf.registry import register_advantage, register_policy_loss
 
 Tensor = torch.Tensor
 
@@ -71,21 +71,49 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, mean: float | Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
+# How a per-token loss becomes one number (ppo.loss_agg), each over the whole minibatch on all processes (Liu et
+# al. 2025, "Understanding R1-Zero-like training", sec. 3.1, and DAPO, Yu et al. 2025, sec. 3.3, on why it matters).
+LOSS_AGGREGATIONS = {
+    "token": "sum over the minibatch's tokens / its token count: every token weighs the same (DAPO)",
+    "sequence": "each response's token mean, averaged over responses: every response weighs the same (GRPO)",
+    "sequence_sum": "each response's token sum, averaged over responses",
+    "constant": "token sum / (responses x generate.max_new_tokens): a constant denominator (Dr. GRPO)",
+}
+
+
+def loss_normalizer(loss_agg: str, tokens, responses, max_tokens: int):
+    """The global count `aggregate_loss` divides by: the minibatch's tokens (token), responses (sequence,
+    sequence_sum), or responses x max_tokens (constant). Numbers or 0-dim tensors, summed over processes."""
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
+    return {"token": tokens, "constant": responses * max_tokens}.get(loss_agg, responses)
+
+
 def aggregate_loss(values: Tensor, mask: Tensor, loss_agg: str = "token",
-                   normalizer: float | Tensor | None = None) -> Tensor:
+                   normalizer: float | Tensor | None = None, max_tokens: int | None = None) -> Tensor:
     """One per-token loss (B, A) -> a scalar; the one place that decides how a loss is normalized.
 
     `token`: Σ values·mask / (number of tokens), every token weighs the same (long responses weigh more).
     `sequence`: the per-response token mean, then the mean over responses (every response weighs the same).
-    `normalizer` replaces the local count (tokens or responses) with the global one of an accumulated,
-    multi-process minibatch, so that summing the micro-batches' losses gives the minibatch's.
+    `sequence_sum`: the per-response token sum, then the mean over responses.
+    `constant`: Σ values·mask / (responses · max_tokens) (Dr. GRPO: the generation limit, not the length).
+    `normalizer` replaces the local count (`loss_normalizer`: tokens, responses, responses · max_tokens) with the
+    global one of an accumulated, multi-process minibatch, so that summing the micro-batches' losses gives the
+    minibatch's.
     """
     if loss_agg == "token":
         return masked_mean(values, mask, normalizer=normalizer)
-    if loss_agg != "sequence":
-        raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose token or sequence")
-    per_row = masked_mean(values, mask, dim=-1)  # (B,)
-    return per_row.sum() / (normalizer if normalizer is not None else max(per_row.shape[0], 1))
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
+    if loss_agg == "sequence":
+        per_row = masked_mean(values, mask, dim=-1)  # (B,)
+    else:
+        per_row = masked_sum(values, mask, dim=-1)  # (B,)
+    if normalizer is None:
+        if loss_agg == "constant" and max_tokens is None:
+            raise ValueError("loss_agg 'constant' needs max_tokens (generate.max_new_tokens)")
+        normalizer = loss_normalizer(loss_agg, None, max(per_row.shape[0], 1), max_tokens or 1)
+    return per_row.sum() / normalizer
 
 
 def sequence_logps(logprobs: Tensor, mask: Tensor, average: bool = False) -> Tensor:
@@ -139,6 +167,21 @@ def kl_penalized_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: floa
     last = last_token_index(m)
     bonus = torch.zeros_like(non_score).scatter(1, last[:, None], (scores.to(kl.dtype) * has_tokens)[:, None])
     return non_score + bonus
+
+
+def overlong_penalty(lengths: Tensor, max_tokens: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), scaled by `penalty`: 0 up to max_tokens − buffer
+    tokens, then falling linearly to −penalty at max_tokens (and below it past the limit). lengths (B,) -> (B,)."""
+    over = (lengths.to(torch.float32) - (max_tokens - buffer)).clamp(min=0)
+    return -penalty * over / max(buffer, 1)
+
+
+def informative_groups(scores: Tensor, group_size: int) -> Tensor:
+    """DAPO's dynamic sampling filter (Yu et al. 2025, eq. 11): a group of k responses to one prompt whose scores
+    are all equal has zero advantage everywhere and teaches nothing. scores (B,) -> (B / k,) bool, True where the
+    group's scores differ."""
+    groups = scores.reshape(-1, group_size)
+    return (groups != groups[:, :1]).any(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,28 +300,56 @@ POLICY_STATS = {"loss/policy": "sum", "policy/clipfrac": "mean", "policy/approx_
 @register_policy_loss("token", "PPO's clipped objective with a ratio per token", POLICY_STATS)
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
                     normalizer: float | Tensor | None = None, max_log_ratio: float = 20.0,
-                    loss_agg: str = "token") -> tuple[Tensor, dict]:
-    """L = mean of max(−Â·ρ, −Â·clip(ρ, 1−ε, 1+ε)),  ρ = exp(logp − old_logp), aggregated over tokens or
-    responses (`aggregate_loss`). All (B, A).
+                    loss_agg: str = "token", clip_range_high: float | None = None,
+                    max_tokens: int | None = None) -> tuple[Tensor, dict]:
+    """L = mean of max(−Â·ρ, −Â·clip(ρ, 1−ε_low, 1+ε_high)),  ρ = exp(logp − old_logp), aggregated as
+    `aggregate_loss` says. ε_low = clip_range, ε_high = clip_range_high (None: the same; larger = DAPO's
+    clip-higher, Yu et al. 2025, eq. 10). All (B, A).
 
     The log-ratio is clamped to ±max_log_ratio before exp so a ratio explosion gives a large but finite
     loss; clamped tokens are counted in `policy/ratio_clamped`.
-    Stats (local to this micro-batch): `loss/policy`, `policy/clipfrac` (share of tokens where the
-    clipped term is active), `policy/approx_kl` (mean ½(logp − old_logp)²), `policy/ratio_mean`,
+    Stats (local to this micro-batch; their reductions: POLICY_STATS): `loss/policy`, `policy/clipfrac` (share of
+    tokens where the clipped term is active), `policy/approx_kl` (mean ½(logp − old_logp)²), `policy/ratio_mean`,
     `policy/ratio_max`, `policy/ratio_clamped`.
     """
-    m = mask.to(logprobs.dtype)
     log_ratio = logprobs - old_logprobs
+    return _clipped_objective(log_ratio, log_ratio, advantages, mask, clip_range, clip_range_high, normalizer,
+                              max_log_ratio, loss_agg, max_tokens)
+
+
+@register_policy_loss("sequence", "GSPO: one ratio per response, exp of its mean token log-ratio, clipped per "
+                                  "response", POLICY_STATS)
+def gspo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+                     normalizer: float | Tensor | None = None, max_log_ratio: float = 20.0,
+                     loss_agg: str = "token", clip_range_high: float | None = None,
+                     max_tokens: int | None = None) -> tuple[Tensor, dict]:
+    """GSPO (Zheng et al. 2025, eq. 5–7): s_i = exp((1/|y_i|) Σ_t (logp_t − old_logp_t)), the same ratio on every
+    token of response i, clipped to [1−ε_low, 1+ε_high]; the rest as `ppo_policy_loss` (stats per token).
+    All (B, A); with `loss_agg: sequence` it is the paper's per-response objective."""
+    m = mask.to(logprobs.dtype)
+    token_log_ratio = logprobs - old_logprobs
+    seq_log_ratio = masked_sum(token_log_ratio, m, dim=-1) / m.sum(-1).clamp(min=1)  # (B,)
+    return _clipped_objective(seq_log_ratio[:, None].expand_as(logprobs), token_log_ratio, advantages, mask,
+                              clip_range, clip_range_high, normalizer, max_log_ratio, loss_agg, max_tokens)
+
+
+def _clipped_objective(log_ratio: Tensor, token_log_ratio: Tensor, advantages: Tensor, mask: Tensor,
+                       clip_range: float, clip_range_high: float | None, normalizer, max_log_ratio: float,
+                       loss_agg: str, max_tokens: int | None) -> tuple[Tensor, dict]:
+    """max(−Â·ρ, −Â·clip(ρ, 1−ε_low, 1+ε_high)) with ρ = exp(log_ratio) per token, aggregated; the stats of
+    `ppo_policy_loss` (approx_kl from the per-token `token_log_ratio`). All (B, A)."""
+    m = mask.to(log_ratio.dtype)
+    high = clip_range if clip_range_high is None else clip_range_high
     clamped = (log_ratio.abs() > max_log_ratio) & (m > 0)
     ratio = torch.exp(log_ratio.clamp(-max_log_ratio, max_log_ratio))
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), m, loss_agg, normalizer)
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), m, loss_agg, normalizer, max_tokens)
     with torch.no_grad():
         stats = {
             "loss/policy": loss.detach(),
             "policy/clipfrac": masked_mean((clipped > unclipped).to(m.dtype), m),
-            "policy/approx_kl": masked_mean(0.5 * log_ratio ** 2, m),
+            "policy/approx_kl": masked_mean(0.5 * token_log_ratio ** 2, m),
             "policy/ratio_mean": masked_mean(ratio, m),
             "policy/ratio_max": (ratio * m).max() if m.numel() else torch.zeros(()),
             "policy/ratio_clamped": clamped.sum().to(m.dtype),
@@ -287,13 +358,14 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
 
 
 def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float,
-                   normalizer: float | Tensor | None = None, loss_agg: str = "token") -> tuple[Tensor, dict]:
+                   normalizer: float | Tensor | None = None, loss_agg: str = "token",
+                   max_tokens: int | None = None) -> tuple[Tensor, dict]:
     """L_V = ½ · mean of max((V − R)², (clip(V, V_old ± ε_v) − R)²), aggregated as `aggregate_loss`. All (B, A)."""
     m = mask.to(values.dtype)
     clipped_values = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
     err = (values - returns) ** 2
     err_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * aggregate_loss(torch.maximum(err, err_clipped), m, loss_agg, normalizer)
+    loss = 0.5 * aggregate_loss(torch.maximum(err, err_clipped), m, loss_agg, normalizer, max_tokens)
     with torch.no_grad():
         stats = {"loss/value": loss.detach(), "value/clipfrac": masked_mean((err_clipped > err).to(m.dtype), m),
                  "value/mean": masked_mean(values, m)}
@@ -304,71 +376,12 @@ VALUE_STATS = {"loss/value": "sum", "value/clipfrac": "mean", "value/mean": "mea
 
 
 def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, normalizer: float | Tensor | None = None,
-            loss_agg: str = "token") -> tuple[Tensor, dict]:
+            loss_agg: str = "token", max_tokens: int | None = None) -> tuple[Tensor, dict]:
     """The KL to the reference as a loss term instead of a reward penalty (GRPO, Shao et al. 2024, eq. 4): the k3
     estimator exp(ref − logp) − (ref − logp) − 1 ≥ 0 of the current policy's logprobs (with gradient), aggregated
     as `aggregate_loss`. The caller weighs it with kl_coef. All (B, A)."""
-    loss = aggregate_loss(_k3(logprobs, ref_logprobs), mask, loss_agg, normalizer)
+    loss = aggregate_loss(_k3(logprobs, ref_logprobs), mask, loss_agg, normalizer, max_tokens)
     return loss, {"loss/kl": loss.detach()}
 
 
 KL_STATS = {"loss/kl": "sum"}
-
-
-# ---------------------------------------------------------------------------------------------
-# preference losses
-
-
-def pairwise_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None,
-                  center_coef: float = 0.0) -> tuple[Tensor, dict]:
-    """Bradley–Terry: −log σ(r_c − r_r − margin), mean over pairs; + center_coef·mean((r_c + r_r)²)
-    (reward centering, Eisenstein et al. 2023). (B,), (B,) -> scalar. Ties count as wrong in accuracy."""
-    diff = chosen_rewards.float() - rejected_rewards.float()
-    if margin is not None:
-        diff = diff - margin.float()
-    loss = -F.logsigmoid(diff).mean()
-    if center_coef:
-        loss = loss + center_coef * ((chosen_rewards.float() + rejected_rewards.float()) ** 2).mean()
-    both = torch.cat([chosen_rewards, rejected_rewards]).float().detach()
-    stats = {"loss/pairwise": loss.detach(),
-             "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean().detach(),
-             "rewards/margin": (chosen_rewards - rejected_rewards).float().mean().detach(),
-             "rewards/chosen": chosen_rewards.float().mean().detach(),
-             "rewards/rejected": rejected_rewards.float().mean().detach(),
-             "rewards/mean": both.mean(), "rewards/std": both.std(unbiased=False)}
-    return loss, stats
-
-
-@register_preference_loss("sigmoid", "DPO (with label_smoothing: conservative DPO)")
-def _dpo_sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    # DPO (Rafailov et al. 2023, eq. 7); conservative DPO with label smoothing ε (Mitchell 2023)
-    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-
-
-@register_preference_loss("ipo", "IPO on length-normalised log-probs", length_normalized=True)
-def _dpo_ipo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
-    # IPO (Azar et al. 2023, eq. 17): regress the log-ratio gap to 1/(2β)
-    return (h - 1 / (2 * beta)) ** 2
-
-
-def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[Tensor, dict]:
-    """h = (π_c − ref_c) − (π_r − ref_r); loss per `loss_type`, mean over B. Inputs (B,) summed logps
-    (per-token averaged for `ipo`)."""
-    if loss_type not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(PREFERENCE_LOSSES)}")
-    if loss_type == "ipo" and label_smoothing:
-        raise ValueError("label_smoothing applies to the sigmoid loss only")
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps
-    h = chosen_ratio - rejected_ratio
-    loss = PREFERENCE_LOSSES[loss_type].fn(h, beta, label_smoothing).mean()
-    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-    stats = {"loss/dpo": loss.detach(), "rewards/chosen": chosen_reward.mean(),
-             "rewards/rejected": rejected_reward.mean(),
-             "rewards/accuracy": (chosen_reward > rejected_reward).float().mean(),
-             "rewards/margin": (chosen_reward - rejected_reward).mean(),
-             "logps/chosen": policy_chosen_logps.detach().mean(),
-             "logps/rejected": policy_rejected_logps.detach().mean()}
-    return loss, stats

@@ -14,7 +14,8 @@ from data_formats.schemas import parse_prompt
 from rlhf.data import encode_prompts, load_gold_prompts, load_split
 from rlhf.errors import UserError
 from rlhf.forward import response_logprobs
-from rlhf.losses import KL_STATS, VALUE_STATS, aggregate_loss, kl_loss, ppo_value_loss
+from rlhf.losses import (KL_STATS, VALUE_STATS, aggregate_loss, kl_loss, loss_normalizer, overlong_penalty,
+                         ppo_value_loss)
 from rlhf.models import position_ids_from_mask, reference_model
 from rlhf.optim import optimizer_step
 from rlhf.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
@@ -91,12 +92,23 @@ def critic_values(critic, sequences, attention_mask, prompt_width: int) -> torch
     return values[:, prompt_width - 1:-1]
 
 
+def overlong_scores(response_mask: torch.Tensor, ppo, max_new_tokens: int) -> torch.Tensor | None:
+    """DAPO's overlong penalty of each response (`rlhf.losses.overlong_penalty`), or None when
+    `ppo.overlong_buffer` is 0. response_mask (B, A) -> (B,)"""
+    if not ppo.overlong_buffer:
+        return None
+    return overlong_penalty(response_mask.sum(-1), max_new_tokens, ppo.overlong_buffer, ppo.overlong_penalty)
+
+
 def shape_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None,
-                 reward_clip: float | None) -> torch.Tensor:
-    """Subtract the penalty from responses that never produced EOS, then clip to ±reward_clip."""
+                 reward_clip: float | None, overlong: torch.Tensor | None = None) -> torch.Tensor:
+    """Subtract the penalty from responses that never produced EOS, add the (negative) overlong penalty, then clip
+    to ±reward_clip."""
     scores = raw
     if missing_eos_penalty:
         scores = scores - missing_eos_penalty * (~ended).to(raw.dtype)
+    if overlong is not None:
+        scores = scores + overlong.to(raw.dtype)
     if reward_clip:
         scores = scores.clamp(-reward_clip, reward_clip)
     return scores
@@ -215,11 +227,12 @@ def minibatch_rows(local_rows: int, offset: int, minibatches: int, epoch: int, m
 
 def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard, exp: Experience, ppo, train,
            temperature: float, suppress_ids: tuple[int, ...], kl_coef: float, step: int,
-           generator: torch.Generator) -> dict[str, float]:
+           generator: torch.Generator, max_new_tokens: int | None = None) -> dict[str, float]:
     """K epochs x minibatches of the clipped PPO objective over `exp`; returns averaged stats.
 
     loss = L_clip + vf_coef·L_V (with a critic) + kl_coef·KL (kl_in: loss) − entropy_coef·H, each aggregated over
-    the global minibatch as `ppo.loss_agg` says (`rlhf.losses.aggregate_loss`); logprobs under the rollout's
+    the global minibatch as `ppo.loss_agg` says (`rlhf.losses.aggregate_loss`; `constant` divides by
+    `max_new_tokens` per response); the ratio per token or per response (`ppo.ratio_level`); logprobs under the rollout's
     distribution (`temperature`, `suppress_ids` forbidden). Stops the epochs early when the minibatch approx-KL
     (global mean) exceeds `ppo.early_stop_kl`.
     """
@@ -227,7 +240,7 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
     minibatches, micro = rows_total * world // train.batch_size, train.micro_batch_size
     offset = accelerator.process_index * rows_total
     models = {"actor": actor, **({"critic": critic} if critic is not None else {})}
-    policy_loss = POLICY_LOSSES[ppo.ratio_level]
+    policy_loss, (clip_low, clip_high) = POLICY_LOSSES[ppo.ratio_level], ppo.clip_bounds()
     update_stats = UpdateStats({**policy_loss.stats, **VALUE_STATS, **KL_STATS, "policy/entropy": "sum"})
     same_everywhere: dict[str, float] = {}  # grad norms are identical on every process after sync
     updates, epochs_run = 0, 0
@@ -236,10 +249,11 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
         epoch_kl = torch.zeros((), device=response_mask.device)
         for m in torch.randperm(minibatches, generator=generator).tolist():
             rows = minibatch_rows(rows_total, offset, minibatches, epoch, m)
-            # the global minibatch's count of tokens (every loss is a token mean over it) or of responses
+            # the global minibatch's count of tokens, or of responses (x max_new_tokens: constant), that every
+            # loss is divided by
             tokens = global_sum(accelerator, response_mask[rows].sum()).to(response_mask.dtype)
-            normalizer = tokens if ppo.loss_agg == "token" else \
-                global_sum(accelerator, float(len(rows))).to(response_mask.dtype)
+            normalizer = tokens if ppo.loss_agg == "token" else loss_normalizer(
+                ppo.loss_agg, tokens, global_sum(accelerator, float(len(rows))).to(response_mask.dtype), max_new_tokens)
             loss_sum = torch.zeros((), device=response_mask.device)
             for j in range(0, len(rows), micro):
                 r = rows[j:j + micro]
@@ -251,20 +265,21 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
                                                               entropy_grad=ppo.entropy_coef != 0,
                                                               suppress_ids=suppress_ids)
                         loss, stats = policy_loss.fn(logprobs.float(), exp.old_logprobs[r], exp.advantages[r], mask,
-                                                     clip_range=ppo.clip_range, normalizer=normalizer,
-                                                     max_log_ratio=ppo.max_log_ratio, loss_agg=ppo.loss_agg)
-                        ent = aggregate_loss(entropy.float(), mask, ppo.loss_agg, normalizer)
+                                                     clip_range=clip_low, clip_range_high=clip_high,
+                                                     normalizer=normalizer, max_log_ratio=ppo.max_log_ratio,
+                                                     loss_agg=ppo.loss_agg, max_tokens=max_new_tokens)
+                        ent = aggregate_loss(entropy.float(), mask, ppo.loss_agg, normalizer, max_new_tokens)
                         loss = loss - ppo.entropy_coef * ent
                         stats["policy/entropy"] = ent.detach()
                         if critic is not None:
                             values = critic_values(critic, exp.sequences[r], exp.attention_mask[r], exp.prompt_width)
                             vf_loss, vf = ppo_value_loss(values.float(), exp.old_values[r], exp.returns[r], mask,
-                                                         ppo.clip_range_value, normalizer, ppo.loss_agg)
+                                                         ppo.clip_range_value, normalizer, ppo.loss_agg, max_new_tokens)
                             loss = loss + ppo.vf_coef * vf_loss
                             stats.update(vf)
                         if ppo.kl_in == "loss":
                             kl, kl_stats = kl_loss(logprobs.float(), exp.ref_logprobs[r], mask, normalizer,
-                                                   ppo.loss_agg)
+                                                   ppo.loss_agg, max_new_tokens)
                             loss = loss + kl_coef * kl
                             stats.update(kl_stats)
                     # DDP averages gradients over processes; the loss is this process's share of the global mean

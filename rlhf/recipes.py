@@ -74,6 +74,11 @@ class PPORecipe(_Recipe):
     generate: GenerateSection = section(GenerateSection, "rollout sampling")
     ppo: PPOSection = req("PPO hyper-parameters")
 
+    def validate(self) -> None:
+        if self.ppo.overlong_buffer > self.generate.max_new_tokens:
+            raise RecipeError(f"the overlong buffer ({self.ppo.overlong_buffer} tokens) is longer than "
+                              f"generate.max_new_tokens ({self.generate.max_new_tokens})", key="ppo.overlong_buffer")
+
 
 @dataclass(kw_only=True)
 class DPORecipe(_Recipe):

@@ -111,4 +111,4 @@ class Stopwatch:
         try:
             yield
         finally:
-            self.seconds[key] = time.perf_counter() - started
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started  # summed over uses

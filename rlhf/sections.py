@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from data_formats.tasks import FAMILIES, alphabet_problem
-import rlhf.losses  # noqa: F401  (registers the estimators and losses the Literals below list)
 from rlhf.config import opt, req
 from rlhf.errors import RecipeError
+from rlhf.losses import LOSS_AGGREGATIONS
 from rlhf.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -217,8 +217,9 @@ class PPOSection:
     scale_by_std: bool = opt(True, "grpo: divide by the group's std (false = Dr. GRPO, mean removed only)")
     kl_in: Literal["reward", "loss"] = opt("reward", "the KL to the reference as a per-token reward penalty, or as "
                                                      "a loss term (k3 estimator, weighted by kl_coef, as GRPO)")
-    loss_agg: Literal["token", "sequence"] = opt("token", "policy/value loss: mean over the minibatch's tokens, or "
-                                                          "per response then over responses")
+    loss_agg: Literal[tuple(LOSS_AGGREGATIONS)] = opt(
+        "token", "how the policy/value/KL losses are normalised over the whole minibatch: " +
+                 "; ".join(f"{name} = {text}" for name, text in LOSS_AGGREGATIONS.items()))
     rollout_batch_size: int = opt(64, "prompts sampled per iteration over all processes (x samples_per_prompt "
                                       "responses)", gt=0)
     ppo_epochs: int = opt(4, "passes (K) over each rollout batch", gt=0)
@@ -226,6 +227,18 @@ class PPOSection:
     gae_lambda: float = opt(0.95, "GAE lambda", ge=0, le=1)
     ratio_level: Literal[tuple(POLICY_LOSSES)] = opt("token", POLICY_LOSSES.help())
     clip_range: float = opt(0.2, "policy ratio clip epsilon", gt=0)
+    clip_range_low: Optional[float] = opt(None, "lower clip epsilon: ratios below 1 - this are clipped (null = "
+                                                "clip_range)", gt=0, lt=1)
+    clip_range_high: Optional[float] = opt(None, "upper clip epsilon: ratios above 1 + this are clipped (null = "
+                                                 "clip_range; larger than the lower one = DAPO's clip-higher)", gt=0)
+    dynamic_sampling: bool = opt(False, "DAPO: drop the groups whose k scores are all equal (no signal) and sample "
+                                        "more prompts until the batch is full (needs samples_per_prompt >= 2)")
+    max_sampling_rounds: int = opt(3, "dynamic_sampling: extra rollout rounds at most per iteration; a batch still "
+                                      "short after them is filled with dropped groups", ge=0)
+    overlong_buffer: int = opt(0, "DAPO's overlong shaping: the last N tokens before generate.max_new_tokens over "
+                                  "which a linear penalty grows to overlong_penalty (0 = off)", ge=0)
+    overlong_penalty: float = opt(1.0, "the score penalty of a response that reaches generate.max_new_tokens "
+                                       "(with overlong_buffer)", ge=0)
     clip_range_value: float = opt(0.2, "value clip epsilon around the rollout values", gt=0)
     vf_coef: float = opt(0.1, "value loss weight in the total loss", ge=0)
     entropy_coef: float = opt(0.0, "entropy bonus weight", ge=0)
@@ -254,6 +267,11 @@ class PPOSection:
     gold_every: int = opt(0, "evaluate gold accuracy every N iterations (0 = off)", ge=0)
     gold_count: int = opt(64, "gold prompts per evaluation", gt=0)
 
+    def clip_bounds(self) -> tuple[float, float]:
+        """(ε_low, ε_high): the policy ratio is clipped to [1 - ε_low, 1 + ε_high]."""
+        return (self.clip_range if self.clip_range_low is None else self.clip_range_low,
+                self.clip_range if self.clip_range_high is None else self.clip_range_high)
+
     def needs_critic(self) -> bool:
         """Whether the estimator learns a value function (gae); the others take their baseline from the samples."""
         return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_critic
@@ -267,6 +285,12 @@ class PPOSection:
         if self.needs_critic() and self.critic_init == "reward" and not self.reward_model:
             raise RecipeError("there is no reward model to start the critic from; use critic_init: actor",
                               key="critic_init")
+        if self.clip_bounds()[0] > self.clip_bounds()[1]:
+            raise RecipeError(f"clip_range_low ({self.clip_bounds()[0]:g}) is above clip_range_high "
+                              f"({self.clip_bounds()[1]:g})", key="clip_range_low")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise RecipeError("dynamic_sampling drops the groups whose k scores are all equal: needs "
+                              f"samples_per_prompt >= 2, got {self.samples_per_prompt}", key="dynamic_sampling")
         unknown = sorted(set(self.reward_weights) - {"reward_model", "reward_fn"})
         if unknown:
             raise RecipeError(f"expected keys reward_model and reward_fn, got {unknown[0]!r}", key="reward_weights")

@@ -26,8 +26,9 @@ from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
 from rlhf.tokenization import stop_token_ids, tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
+from rlhf.dynamic_sampling import Round, dynamic_sample
 from rlhf.ppo import (Experience, estimate_advantages, global_whiten_stats, iterations_of, load_prompts,
-                      no_grad_passes, rollout_metrics, score_rollout, shape_scores, update, whitened)
+                      no_grad_passes, overlong_scores, rollout_metrics, score_rollout, shape_scores, update, whitened)
 from rlhf.rewards import load_reward_fn
 from rlhf.roles import (check_launch, load_roles, prepare_training, reward_scale, rollout_rows, save_trained,
                         startup_notes)
@@ -81,19 +82,28 @@ def run(recipe: PPORecipe) -> Path:
     temperature, suppress_ids = generate.temperature, (tokenizer.pad_token_id,)
 
     for it in scaffold.steps():
-        rows, keys = rollout_rows(len(prompts), ppo, it, rank, world, recipe.seed)  # k rows per prompt
-        batch, watch = [prompts[i] for i in rows], Stopwatch()
+        watch = Stopwatch()
 
-        # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
-        with watch("time/generate_s"):
-            gen = sample(policy, batch, generate, stop_ids, tokenizer.pad_token_id, device,
-                         row_keys(recipe.seed, it, keys, device), synced=True)
+        def rollout(r: int) -> Round:  # r > 0: dynamic sampling's extra rounds, prompts of a later epoch order
+            rows, keys = rollout_rows(len(prompts), ppo, it + r * iterations, rank, world, recipe.seed)  # k per prompt
+            batch = [prompts[i] for i in rows]
+            # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
+            with watch("time/generate_s"):
+                gen = sample(policy, batch, generate, stop_ids, tokenizer.pad_token_id, device,
+                             row_keys(recipe.seed, it + r * iterations, keys, device), synced=True)
+            # 2. score prompt+response once: the frozen reward model and/or the reward function (+ DAPO's overlong
+            # penalty)
+            with watch("time/score_s"):
+                raw_scores, sources = score_rollout(roles.scorer, reward_fn, ppo.reward_weights, gen, batch, tokenizer,
+                                                    fmt)
+                scores = shape_scores(raw_scores, gen.ended, ppo.missing_eos_penalty, ppo.reward_clip,
+                                      overlong_scores(gen.response_mask, ppo, generate.max_new_tokens))
+            return Round(batch, gen, raw_scores, sources, scores)
 
-        # 2. score prompt+response once: the frozen reward model and/or the reward function
-        with watch("time/score_s"):
-            raw_scores, sources = score_rollout(roles.scorer, reward_fn, ppo.reward_weights, gen, batch, tokenizer,
-                                                fmt)
-            scores = shape_scores(raw_scores, gen.ended, ppo.missing_eos_penalty, ppo.reward_clip)
+        # DAPO's dynamic sampling: groups whose k scores are all equal are replaced by those of more prompts
+        rnd, sampling = dynamic_sample(accelerator, rollout, ppo.samples_per_prompt, ppo.max_sampling_rounds,
+                                       tokenizer.pad_token_id) if ppo.dynamic_sampling else (rollout(0), {})
+        gen, raw_scores, sources, scores = rnd.gen, rnd.raw_scores, rnd.sources, rnd.scores
 
         # 3. old logprobs (actor), reference logprobs, values (critic): no grad
         mask = gen.response_mask.float()
@@ -118,11 +128,12 @@ def run(recipe: PPORecipe) -> Path:
         # 6. K epochs x minibatches of clipped updates of the actor (and critic)
         with watch("time/update_s"):
             stats = update(accelerator, actor, critic, optimizers, schedulers, guard, exp, ppo, train, temperature,
-                           suppress_ids, kl_ctl.value, it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it))
+                           suppress_ids, kl_ctl.value, it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it),
+                           max_new_tokens=generate.max_new_tokens)
 
         # 7. metrics, KL controller, gold monitor
         metrics = {**rollout_metrics(accelerator, exp, kl_ctl.value, episodes_per_iteration,
-                                     watch.seconds["time/generate_s"]), **stats, **watch.seconds}
+                                     watch.seconds["time/generate_s"]), **stats, **sampling, **watch.seconds}
         metrics.update({"train/lr": schedulers["actor"].get_last_lr()[0], "train/nonfinite_skipped": guard.skipped})
         kl_ctl.update(metrics["objective/kl"], episodes_per_iteration)
         if gold_prompts and ((it + 1) % ppo.gold_every == 0 or it + 1 == iterations):

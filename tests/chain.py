@@ -28,6 +28,9 @@ SHORT = {
     "grpo": ["train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=4", "ppo.rollout_batch_size=4",
              "generate.batch_size=16", "generate.max_new_tokens=8", "ppo.gold_every=1", "ppo.gold_count=8",
              "train.save_every=0"],
+    **{name: ["train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=4", "ppo.rollout_batch_size=4",
+              "generate.batch_size=16", "generate.max_new_tokens=8", "ppo.gold_every=1", "ppo.gold_count=8",
+              "train.save_every=0"] for name in ("dr_grpo", "dapo", "gspo")},
     "dpo": ["train.max_steps=4", "train.batch_size=8", "train.micro_batch_size=4", "train.eval_every=2",
             "train.save_every=0"],
     "eval": ["eval.max_prompts=16", "generate.max_new_tokens=8", "generate.batch_size=16"],
@@ -55,7 +58,7 @@ def write_recipe(name: str, root: Path) -> Path:
 
 def stage_of(name: str) -> str:
     """The stage of a tiny recipe (grpo.yaml is a ppo recipe; the others are named after their stage)."""
-    return {"grpo": "ppo"}.get(name, name)
+    return {"grpo": "ppo", "dr_grpo": "ppo", "dapo": "ppo", "gspo": "ppo"}.get(name, name)
 
 
 def recipe(name: str, root: Path, *extra: str):

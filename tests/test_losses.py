@@ -425,7 +425,7 @@ def test_token_and_sequence_aggregation_weigh_responses_differently():
     for how, total in (("token", MASK.sum()), ("sequence", 3.0)):
         split = aggregate_loss(values[:1], MASK[:1], how, total) + aggregate_loss(values[1:], MASK[1:], how, total)
         assert split.item() == pytest.approx(aggregate_loss(values, MASK, how).item())
-    with pytest.raises(ValueError, match="token or sequence"):
+    with pytest.raises(ValueError, match="choose one of token, sequence, sequence_sum, constant"):
         aggregate_loss(values, MASK, "rows")
 
 
