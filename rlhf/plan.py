@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 
 from rlhf.errors import UserError
+from rlhf.registry import PREFERENCE_LOSSES
 
 GiB = 2 ** 30
 OVERHEAD = 1 * GiB
@@ -144,7 +145,9 @@ def plan(recipe, shapes: dict, gpu_mem: int | None = None, zero: int = 0, gpus: 
         roles["policy"] = role_bytes(policy, dtype_bytes, trainable=True, lora=lora, quant4=quant4, rows=2 * micro,
                                      seq=recipe.data.max_len, **common)
         resident = not recipe.dpo.precompute_ref
-        roles["reference"] = role_bytes(policy, dtype_bytes, trainable=False, shared=lora is not None or not resident)
+        if not PREFERENCE_LOSSES[recipe.dpo.loss_type].reference_free:  # simpo / orpo hold no reference
+            roles["reference"] = role_bytes(policy, dtype_bytes, trainable=False,
+                                            shared=lora is not None or not resident)
     elif stage == "ppo":
         seq = recipe.data.max_prompt_len + recipe.generate.max_new_tokens
         kv = 2 * policy["layers"] * policy["kv_heads"] * policy["head_dim"] * seq * recipe.generate.batch_size * \

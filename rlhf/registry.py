@@ -52,6 +52,7 @@ class PreferenceLoss:
     reference_free: bool = False  # no reference model is loaded (its log-probs are never computed)
     length_normalized: bool = False  # per-token mean log-probs instead of sums
     paired: bool = True  # chosen/rejected pairs; False: labelled single completions (KTO)
+    nll_weight: float = 0.0  # weight of the chosen responses' NLL (per token) that is part of the loss (ORPO)
 
 
 class Registry(dict):

@@ -300,7 +300,10 @@ class PPOSection:
 class DPOSection:
     beta: float = opt(0.1, "KL strength beta", gt=0)
     loss_type: Literal[tuple(PREFERENCE_LOSSES)] = opt("sigmoid", PREFERENCE_LOSSES.help())
-    label_smoothing: float = opt(0.0, "conservative DPO: assumed label-flip probability", ge=0, lt=0.5)
+    label_smoothing: float = opt(0.0, "conservative DPO (and simpo): assumed label-flip probability", ge=0,
+                                 lt=0.5)
+    simpo_gamma: float = opt(0.5, "simpo: the target margin gamma between the chosen and rejected responses' "
+                                  "beta-scaled per-token log-likelihoods", ge=0)
     sft_coef: float = opt(0.0, "weight of an SFT (NLL per token) term on chosen responses", ge=0)
     precompute_ref: bool = opt(False, "compute reference logps once before training (one model in memory)")
     disable_dropout: bool = opt(True, "dropout off in the policy (model and LoRA), as in the reference: the "
@@ -309,9 +312,16 @@ class DPOSection:
 
     def validate(self) -> None:
         # IPO regresses the margin onto 1/(2 beta) (Azar et al. 2023): there is no label to flip
-        if self.loss_type == "ipo" and self.label_smoothing > 0:
-            raise RecipeError("applies to loss_type 'sigmoid' only (conservative DPO); set it to 0 for 'ipo'",
-                              key="label_smoothing")
+        entry = PREFERENCE_LOSSES[self.loss_type]
+        if entry.reference_free and self.reference is not None:
+            raise RecipeError(f"loss_type {self.loss_type!r} is reference-free: it uses no reference model; remove "
+                              "dpo.reference", key="reference")
+        if entry.reference_free and self.precompute_ref:
+            raise RecipeError(f"loss_type {self.loss_type!r} is reference-free: there are no reference log-probs to "
+                              "precompute", key="precompute_ref")
+        if self.loss_type in ("ipo", "orpo") and self.label_smoothing > 0:
+            raise RecipeError(f"applies to loss_type 'sigmoid' only (conservative DPO); set it to 0 for "
+                              f"{self.loss_type!r}", key="label_smoothing")
 
 
 @dataclass(kw_only=True)

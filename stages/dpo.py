@@ -1,4 +1,6 @@
-"""`dpo` stage: Direct Preference Optimization (Rafailov et al. 2023), or IPO (Azar et al. 2023).
+"""`dpo` stage: Direct Preference Optimization (Rafailov et al. 2023), IPO (Azar et al. 2023), and the
+reference-free SimPO (Meng et al. 2024) and ORPO (Hong et al. 2024): `dpo.loss_type`, a registered loss
+(`rlhf.preference_losses`). A reference-free loss loads no reference and computes no reference log-probs.
 
 Policy = the starting model + LoRA; reference = the same weights with the adapter disabled (no second
 copy), or a frozen copy in full fine-tuning. With `dpdpo.precompute_ref` the reference logps of every
@@ -58,7 +60,8 @@ def run(recipe: DPORecipe) -> Path:
     seed_everything(recipe.seed)
     check_parents(recipe)
     model_section, data, dpo = recipe.model, recipe.data, recipe.dpo
-    average = PREFERENCE_LOSSES[dpo.loss_type].length_normalized  # IPO: per-token mean logps (Azar et al. 2023)
+    entry = PREFERENCE_LOSSES[dpo.loss_type]
+    average = entry.length_normalized  # IPO, SimPO, ORPO: per-token mean logps
 
     # --- data --------------------------------------------------------------------------------------
     tokenizer = tokenizer_for(model_section, data.template)
@@ -70,7 +73,7 @@ def run(recipe: DPORecipe) -> Path:
     # --- models: policy (+LoRA) and reference (adapter disabled, or a frozen copy) -------------------
     model = load_trainable(model_section, recipe.lora, tokenizer)
     reference = None  # None: the policy with its adapter disabled is the reference
-    if recipe.lora is None or dpo.reference is not None:
+    if not entry.reference_free and (recipe.lora is None or dpo.reference is not None):
         reference = load_frozen(model_section, tokenizer, accelerator.device, spec=dpo.reference,
                                 key="dpo.reference" if dpo.reference else "model.name_or_path")
     if dpo.disable_dropout:  # the reference runs without dropout (eval mode): the policy must match it
@@ -92,7 +95,7 @@ def run(recipe: DPORecipe) -> Path:
     # --- optional: reference logps of every pair, once, kept in the run folder -----------------------
     ref_cache: dict[str, torch.Tensor] = {}
     precompute_s = 0.0
-    if dpo.precompute_ref:
+    if dpo.precompute_ref and not entry.reference_free:
         started = time.perf_counter()
         ref_cache = precompute_reference(accelerator, folder.partial / REF_FILE, {"train": train, "eval": evals},
                                          pad_id, recipe.train.micro_batch_size, ref_pass, packing)
@@ -104,19 +107,22 @@ def run(recipe: DPORecipe) -> Path:
         def micro_loss(idx, den):
             batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, packing), accelerator.device)
             pc, pr, chosen_sum = pair_logps(model, batch, average)
-            if ref_cache:
+            if entry.reference_free:
+                rc = rr = None
+            elif ref_cache:
                 rows = torch.tensor(idx)
                 rc = ref_cache[f"{name}_chosen"][rows].to(pc.device)
                 rr = ref_cache[f"{name}_rejected"][rows].to(pc.device)
             else:
                 rc, rr = ref_pass(batch)
-            loss, stats = dpo_loss(pc.float(), pr.float(), rc, rr, dpo.beta, dpo.loss_type, dpo.label_smoothing)
+            loss, stats = dpo_loss(pc.float(), pr.float(), rc, rr, dpo.beta, dpo.loss_type, dpo.label_smoothing,
+                                   dpo.simpo_gamma)
             share = len(idx) / den["pairs"]
             loss = loss * share
             stats = {k: v.detach() * share for k, v in stats.items()}
-            if dpo.sft_coef:
+            if dpo.sft_coef or entry.nll_weight:  # ORPO's NLL term, and/or an SFT term on chosen responses
                 nll = -chosen_sum / den["chosen_tokens"]
-                loss = loss + dpo.sft_coef * nll
+                loss = loss + (dpo.sft_coef + entry.nll_weight) * nll
                 stats["loss/sft"] = nll.detach()
             stats["loss/total"] = loss.detach()
             return loss, stats

@@ -33,6 +33,8 @@ SHORT = {
               "train.save_every=0"] for name in ("dr_grpo", "dapo", "gspo")},
     "dpo": ["train.max_steps=4", "train.batch_size=8", "train.micro_batch_size=4", "train.eval_every=2",
             "train.save_every=0"],
+    **{name: ["train.max_steps=4", "train.batch_size=8", "train.micro_batch_size=4", "train.eval_every=2",
+              "train.save_every=0"] for name in ("simpo", "orpo")},
     "eval": ["eval.max_prompts=16", "generate.max_new_tokens=8", "generate.batch_size=16"],
     "export": ["export.parity_count=2", "export.parity_new_tokens=4"],
 }
@@ -58,7 +60,7 @@ def write_recipe(name: str, root: Path) -> Path:
 
 def stage_of(name: str) -> str:
     """The stage of a tiny recipe (grpo.yaml is a ppo recipe; the others are named after their stage)."""
-    return {"grpo": "ppo", "dr_grpo": "ppo", "dapo": "ppo", "gspo": "ppo"}.get(name, name)
+    return {"grpo": "ppo", "dr_grpo": "ppo", "dapo": "ppo", "gspo": "ppo", "simpo": "dpo", "orpo": "dpo"}.get(name, name)
 
 
 def recipe(name: str, root: Path, *extra: str):

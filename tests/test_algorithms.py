@@ -16,6 +16,7 @@ from rlhf.cli import main, stage_help
 from rlhf.dynamic_sampling import Round, dynamic_sample
 from rlhf.losses import LOSS_AGGREGATIONS, aggregate_loss, informative_groups, loss_normalizer, overlong_penalty
 from rlhf.ppo import UpdateStats
+from rlhf.preference_losses import dpo_loss
 from rlhf.rollout import Generation
 from rlhf.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
 from tests.chain import cli_args, run_stage
@@ -234,3 +235,81 @@ def test_the_grpo_variants_train_on_the_tiny_chain(chain, tmp_path, name):
         assert all("rollout/dropped_groups" in m and 1 <= m["rollout/sampling_rounds"] <= 4 for m in steps)
     with safe_open(str(run / "model" / "adapter_model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).abs().sum() > 0 for k in f.keys() if "lora_B" in k)  # trained away from zero
+
+
+# --- the preference losses: reference-free SimPO and ORPO -----------------------------------------------------------
+
+
+def pair_logps(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return -0.2 - torch.rand(5, generator=g) * 2, -0.2 - torch.rand(5, generator=g) * 2  # per-token means < 0
+
+
+def test_simpo_and_orpo_match_their_formulas_and_refuse_a_reference():
+    chosen, rejected = pair_logps()
+    loss, _ = dpo_loss(chosen, rejected, None, None, beta=2.0, loss_type="simpo", gamma=1.0)
+    expected = sum(-math.log(1 / (1 + math.exp(-(2.0 * (c - r) - 1.0)))) for c, r in zip(chosen.tolist(),
+                                                                                        rejected.tolist())) / 5
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss, stats = dpo_loss(chosen, rejected, None, None, beta=0.1, loss_type="orpo")
+    odds = [math.log(math.exp(c) / (1 - math.exp(c))) - math.log(math.exp(r) / (1 - math.exp(r)))
+            for c, r in zip(chosen.tolist(), rejected.tolist())]
+    assert loss.item() == pytest.approx(sum(0.1 * math.log(1 + math.exp(-o)) for o in odds) / 5, abs=1e-6)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.1 * chosen.mean().item())
+    assert PREFERENCE_LOSSES["orpo"].nll_weight == 1.0 and PREFERENCE_LOSSES["simpo"].reference_free
+    with pytest.raises(ValueError, match="simpo takes no reference"):
+        dpo_loss(chosen, rejected, chosen, rejected, beta=2.0, loss_type="simpo")
+
+
+def test_simpo_and_orpo_equal_trl_cpo_and_orpo_trainers():
+    """TRL 1.16 keeps CPOTrainer and ORPOTrainer in trl.experimental: their loss methods on the same log-probs, loss
+    and gradient (ORPO's NLL term is the stage's chosen-token NLL, as TRL's, and not part of this function)."""
+    pytest.importorskip("trl")
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    device = SimpleNamespace(device="cpu")
+    chosen, rejected = pair_logps(4)
+    cpo = SimpleNamespace(loss_type="simpo", beta=2.0, simpo_gamma=1.0, label_smoothing=0.1, alpha=0.0,
+                          accelerator=device)
+    orpo = SimpleNamespace(beta=0.1, accelerator=device)
+    for name, trl_loss, ours in (
+            ("simpo", lambda c, r: CPOTrainer.cpo_loss(cpo, c, r)[0].mean(),
+             lambda c, r: dpo_loss(c, r, None, None, 2.0, "simpo", label_smoothing=0.1, gamma=1.0)[0]),
+            ("orpo", lambda c, r: -ORPOTrainer.odds_ratio_loss(orpo, c, r)[0].mean(),
+             lambda c, r: dpo_loss(c, r, None, None, 0.1, "orpo")[0])):
+        c1, r1 = chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)
+        c2, r2 = chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)
+        theirs, mine = trl_loss(c1, r1), ours(c2, r2)
+        assert mine.item() == pytest.approx(theirs.item(), abs=1e-5), name
+        theirs.backward()
+        mine.backward()
+        assert torch.allclose(c1.grad, c2.grad, atol=1e-5) and torch.allclose(r1.grad, r2.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_reference_free_losses_train_without_a_reference(chain, tmp_path, monkeypatch, name):
+    import stages.dpo
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free loss computed reference log-probs")
+
+    monkeypatch.setattr(stages.dpo, "reference_model", no_reference)
+    monkeypatch.setattr(stages.dpo, "load_frozen", no_reference)
+    run = run_stage(name, chain["root"], "lora=null", "train.log_every=1",  # full fine-tuning, yet no frozen copy
+                    f"output_dir={tmp_path}/run")
+    ms = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in ms if "train/loss/dpo" in m]
+    assert len(train) == 4 and all(math.isfinite(m["train/loss/dpo"]) for m in train)
+    assert "train/loss/sft" in train[0]  # orpo: its NLL term; simpo.yaml: dpo.sft_coef
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["dpo.reference=runs/x"], "dpo.reference", "loss_type 'simpo' is reference-free"),
+    (["dpo.precompute_ref=true"], "dpo.precompute_ref", "no reference log-probs to precompute"),
+    (["dpo.loss_type=kto_pairs"], "dpo.loss_type", "expected one of 'sigmoid', 'ipo', 'simpo', 'orpo'"),
+])
+def test_bad_preference_settings_are_one_line(chain, tmp_path, capsys, overrides, key, message):
+    assert main(cli_args("simpo", chain["root"], *overrides, f"output_dir={tmp_path}/o")) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: ") and f": {key}: " in err and message in err, err
