@@ -25,7 +25,7 @@ else
   LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCEL_CONFIG),--config_file $(ACCEL_CONFIG),--multi_gpu) --num_processes $(NPROC) -m rlhf.cli
 endif
 
-.PHONY: setup test test-matrix demo demo-chat report check plan docs $(STAGES)
+.PHONY: setup test test-matrix demo demo-chat league report check plan docs $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,19 @@ demo: setup
 	  $(LAUNCH) $$s recipes/tiny/$$r.yaml resume=true $(ARGS) || exit $$?; \
 	done
 	$(PY) -m rlhf.cli report runs/tiny --out runs/tiny/report
+
+# The league: the demo's chain, then every RL and preference algorithm from the same SFT run at an equal budget
+# (recipes/tiny/league.yaml says which), one eval over all of them and one report (table + KL frontier plot).
+# Re-entrant like `make demo` (finished runs are kept).
+LEAGUE := tasks pretrain sft rm ppo grpo dr_grpo dapo gspo dpo simpo orpo
+league: setup
+	@for r in $(LEAGUE); do \
+	  s=$$(sed -n 's/^stage: *//p' recipes/tiny/$$r.yaml); \
+	  echo "=== $$r ==="; \
+	  $(LAUNCH) $$s recipes/tiny/$$r.yaml resume=true $(ARGS) || exit $$?; \
+	done
+	$(LAUNCH) eval recipes/tiny/league.yaml resume=true
+	$(PY) -m rlhf.cli report runs/tiny/league --out runs/tiny/league/report
 
 # The same chain on conversations with the shipped ChatML, one recipe file each in recipes/tiny-chat/: the task
 # suite as messages with a corpus that writes ChatML turns, a tiny model pretrained on it, then sft (data.template
