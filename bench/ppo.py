@@ -91,7 +91,9 @@ def decode(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.batching import collate_prompts
-    from rlhf.rollout import ENGINES, row_keys
+    from functools import partial
+
+    from rlhf.rollout import hf_generate, row_keys, seeded_generate
 
     device = "cuda" if GPU else "cpu"
     tok = AutoTokenizer.from_pretrained(spec["policy"])
@@ -102,8 +104,8 @@ def decode(spec: dict) -> dict:
     batch = collate_prompts([{"prompt_ids": p} for p in ids], tok.pad_token_id)
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     keys = row_keys(0, 0, range(len(ids)), device)
-    engines = {"seeded": ENGINES["seeded"], "generate (dynamic cache)": ENGINES["hf"],
-               "generate (static cache)": ENGINES["hf_static"]}
+    engines = {"seeded": seeded_generate, "generate (dynamic cache)": hf_generate,
+               "generate (static cache)": partial(hf_generate, static_cache=True)}
     rates: dict[str, list[float]] = {name: [] for name in engines}
 
     def once(name: str, new: int) -> float:

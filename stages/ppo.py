@@ -32,7 +32,8 @@ from rlhf.rewards import load_reward_fn
 from rlhf.roles import (check_launch, load_roles, prepare_training, reward_scale, rollout_rows, save_trained,
                         startup_notes)
 from rlhf.recipes import PPORecipe, derived
-from rlhf.rollout import row_keys, sample
+from rlhf.context import RunContext
+from rlhf.rollout import build_engine, row_keys, sample
 from rlhf.runtime import make_accelerator, seed_everything
 from rlhf.scaffold import Scaffold, Stopwatch
 
@@ -68,17 +69,20 @@ def run(recipe: PPORecipe) -> Path:
     monitor, guard = OverOptimizationMonitor(ppo.kl_budget), StepGuard(train)
     scaffold = Scaffold(accelerator, folder, train, iterations, "ppo", models, optimizers, schedulers,
                         {"kl_controller": kl_ctl, "monitor": monitor, "guard": guard}, unit="iteration")
+    # the run's constants; log-probs under the distribution sampled from: its temperature (greedy PPO is refused
+    # at load), no pad token
+    ctx = RunContext.build(tokenizer, device, stop_ids, fmt, generate.temperature, train.micro_batch_size)
+    engine = build_engine(policy, ctx, generate)  # from the resumed weights; `sync` after each update follows them
     if scaffold.step == 0:  # a fresh run: the statistics that normalize scores (and the critic on their scale)
-        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, policy, prompts, tokenizer,
+        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, engine, prompts, tokenizer,
                                                       stop_ids, fmt)
     if roles.scorer is not None:
         roles.scorer.use_stats(scaffold.state["reward_stats"])
-    gold = partial(gold_check, accelerator, policy, tokenizer, gold_prompts, generate, roles.scorer, recipe.seed,
+    gold = partial(gold_check, accelerator, engine, tokenizer, gold_prompts, generate, roles.scorer, recipe.seed,
                    monitor, stop_ids)
     if gold_prompts and scaffold.step == 0:
         scaffold.log(0, gold(0, 0.0))  # the starting policy: the baseline the monitor compares against
-    # log-probs under the distribution sampled from: its temperature (greedy PPO is refused at load), no pad token
-    temperature, suppress_ids = generate.temperature, (tokenizer.pad_token_id,)
+    temperature, suppress_ids = ctx.temperature, ctx.suppress_ids
 
     for it in scaffold.steps():
         rows, keys = rollout_rows(len(prompts), ppo, it, rank, world, recipe.seed)  # k rows per prompt
@@ -86,8 +90,7 @@ def run(recipe: PPORecipe) -> Path:
 
         # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
         with watch("time/generate_s"):
-            gen = sample(policy, batch, generate, stop_ids, tokenizer.pad_token_id, device,
-                         row_keys(recipe.seed, it, keys, device), synced=True)
+            gen = sample(engine, batch, generate, row_keys(recipe.seed, it, keys, device), synced=True)
 
         # 2. score prompt+response once: the frozen reward model and/or the reward function
         with watch("time/score_s"):
@@ -119,6 +122,7 @@ def run(recipe: PPORecipe) -> Path:
         with watch("time/update_s"):
             stats = update(accelerator, actor, critic, optimizers, schedulers, guard, exp, ppo, train, temperature,
                            suppress_ids, kl_ctl.value, it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it))
+        engine.sync(policy)  # the next rollout samples from the updated weights
 
         # 7. metrics, KL controller, gold monitor
         metrics = {**rollout_metrics(accelerator, exp, kl_ctl.value, episodes_per_iteration,
@@ -130,6 +134,7 @@ def run(recipe: PPORecipe) -> Path:
         scaffold.log(it + 1, metrics, {"score": f"{metrics['objective/score']:.3f}",
                                        "kl": f"{metrics['objective/kl']:.3f}"})
     final = scaffold.close()
+    engine.close()
     guard.check_trained()  # a run in which every update was skipped (non-finite) must not finish
 
     # --- artifacts: the actor (adapter on the sft model, or full) and the critic ------------------------------------
