@@ -74,6 +74,12 @@ class PPORecipe(_Recipe):
     generate: GenerateSection = section(GenerateSection, "rollout sampling")
     ppo: PPOSection = req("PPO hyper-parameters")
 
+    def validate(self) -> None:
+        if self.ppo.rollout_correction != "none" and self.generate.engine != "vllm":
+            raise RecipeError(f"{self.ppo.rollout_correction} weighs tokens by the sampler's own log-probs, which only "
+                              "generate.engine: vllm reports; the other engines sample from the trained weights "
+                              "themselves", key="ppo.rollout_correction")
+
 
 @dataclass(kw_only=True)
 class DPORecipe(_Recipe):

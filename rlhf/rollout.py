@@ -220,6 +220,9 @@ class Engine:
     def _decode(self, input_ids, attention_mask, cfg, keys, synced) -> Generation:
         raise NotImplementedError
 
+    def idle(self) -> None:
+        """Called when a rollout phase ends: an engine holding device memory may release it until the next `sync`."""
+
     def close(self) -> None:
         self.policy = None
 
@@ -248,10 +251,17 @@ class ModuleEngine(Engine):
             self.policy.train(was_training)
 
 
+def _vllm_engine(policy, ctx, cfg) -> Engine:
+    from rlhf.vllm_engine import VLLMEngine  # imported only when a recipe names it (vLLM is an optional extra)
+
+    return VLLMEngine(policy, ctx, cfg)
+
+
 # recipe name (`generate.engine`) -> engine class (policy, ctx, cfg) -> Engine
 ENGINES = {"seeded": partial(ModuleEngine, decode=seeded_generate, name="seeded"),
            "hf": partial(ModuleEngine, decode=hf_generate, name="hf"),
-           "hf_static": partial(ModuleEngine, decode=partial(hf_generate, static_cache=True), name="hf_static")}
+           "hf_static": partial(ModuleEngine, decode=partial(hf_generate, static_cache=True), name="hf_static"),
+           "vllm": _vllm_engine}
 
 
 def build_engine(policy, ctx, cfg, engine: str | None = None) -> Engine:
@@ -261,7 +271,7 @@ def build_engine(policy, ctx, cfg, engine: str | None = None) -> Engine:
 
 def module_engine(model, stop_ids: Sequence[int], pad_id: int, cfg, engine: str | None = None,
                   tokenizer=None, device=None) -> Engine:
-    """An engine over `model` from loose constants (tests, SFT samples): the module engines only."""
+    """An engine over `model` from loose constants (tests, SFT samples), built for a few calls: close it after."""
     from rlhf.context import RunContext
 
     device = device if device is not None else next(model.parameters()).device
@@ -272,8 +282,8 @@ def module_engine(model, stop_ids: Sequence[int], pad_id: int, cfg, engine: str 
 def generate(model, input_ids, attention_mask, cfg, stop_ids: Sequence[int], pad_id: int, engine: str | None = None,
              keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
     """One batch from `model` with the named module engine (default: `cfg.engine`), built for this call."""
-    run = module_engine(model, stop_ids, pad_id, cfg, engine, device=input_ids.device)
-    return run.generate(input_ids, attention_mask, cfg, keys, synced)
+    with module_engine(model, stop_ids, pad_id, cfg, engine, device=input_ids.device) as run:
+        return run.generate(input_ids, attention_mask, cfg, keys, synced)
 
 
 def generate_batches(engine: Engine, prompt_ids: list[list[int]], cfg, keys: torch.Tensor | None = None,
@@ -309,7 +319,9 @@ def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine:
 
     if not isinstance(model, Engine):
         stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
-        model = module_engine(model, stop_ids, tokenizer.pad_token_id, cfg, engine, tokenizer, device)
+        with module_engine(model, stop_ids, tokenizer.pad_token_id, cfg, engine, tokenizer, device) as built:
+            return complete(built, tokenizer, prompt_ids, cfg, device, seed=seed, step=step, first=first,
+                            batches=batches, synced=synced)
     keys = row_keys(seed, step, range(first, first + len(prompt_ids)), device)
     out = []
     for start, gen in generate_batches(model, prompt_ids, cfg, keys, synced, batches):
@@ -360,3 +372,16 @@ def sample(engine: Engine, examples: list[dict], cfg, keys: torch.Tensor | None 
     """Rollouts for prompt examples ({'prompt_ids'}) as one Generation (see `generate_batches`)."""
     gens = generate_batches(engine, [e["prompt_ids"] for e in examples], cfg, keys, synced)
     return concat([gen for _, gen in gens], engine.ctx.pad_id)
+
+
+def sampler_mismatch(accelerator, gen: Generation, old_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """|sampler − trainer| log-prob of every response token, over all processes: `rollout/logprob_diff_max` and
+    `rollout/logprob_diff_mean` (empty for engines that report no log-probs: they sample from the trained module)."""
+    if gen.logprobs is None:
+        return {}
+    from rlhf.runtime import global_sums
+
+    diff = (gen.logprobs - old_logprobs).abs() * mask
+    sums = global_sums(accelerator, {"sum": diff.sum(), "n": mask.sum()})
+    top = accelerator.gather(diff.max().reshape(1) if diff.numel() else torch.zeros(1, device=diff.device)).max()
+    return {"rollout/logprob_diff_max": float(top), "rollout/logprob_diff_mean": sums["sum"] / max(sums["n"], 1.0)}

@@ -32,6 +32,7 @@ from rlhf.rollout import build_engine, decode_responses, generate_batches, row_k
 from rlhf.runtime import partial_state, seed_everything
 from rlhf.scoring import load_scorer
 from rlhf.stats import win_rates
+from rlhf.vllm_engine import check_installed
 
 
 def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device, scorer, reference, greedy: bool,
@@ -144,6 +145,7 @@ def run(recipe: EvalRecipe) -> Path:
         return folder.final
     seed_everything(recipe.seed)
     check_parents(recipe)
+    check_installed(recipe.generate.engine)
     section, device = recipe.eval, state.device
     load = dict(dtype=section.dtype, trust_remote_code=section.trust_remote_code)
 

@@ -22,7 +22,7 @@ import torch
 from data_formats.chat import make_format
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.kl_control import KL_CONTROLLERS
-from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
+from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl, truncated_importance_weights
 from rlhf.tokenization import stop_token_ids, tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
@@ -33,9 +33,10 @@ from rlhf.roles import (check_launch, load_roles, prepare_training, reward_scale
                         startup_notes)
 from rlhf.recipes import PPORecipe, derived
 from rlhf.context import RunContext
-from rlhf.rollout import build_engine, row_keys, sample
+from rlhf.rollout import build_engine, row_keys, sample, sampler_mismatch
 from rlhf.runtime import make_accelerator, seed_everything
 from rlhf.scaffold import Scaffold, Stopwatch
+from rlhf.vllm_engine import check_installed
 
 
 def run(recipe: PPORecipe) -> Path:
@@ -50,6 +51,7 @@ def run(recipe: PPORecipe) -> Path:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     episodes_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt  # k responses to each prompt
     reward_fn = load_reward_fn(ppo.reward_fn) if ppo.reward_fn else None  # import problems before any model loads
+    check_installed(generate.engine)
 
     # --- data: prompts (and gold-scored held-out prompts for the monitor) ---------------------------------------
     tokenizer = tokenizer_for(model_section, recipe.data.template)
@@ -91,6 +93,7 @@ def run(recipe: PPORecipe) -> Path:
         # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
         with watch("time/generate_s"):
             gen = sample(engine, batch, generate, row_keys(recipe.seed, it, keys, device), synced=True)
+        engine.idle()  # a GPU engine releases its memory for the passes and the update
 
         # 2. score prompt+response once: the frozen reward model and/or the reward function
         with watch("time/score_s"):
@@ -113,6 +116,12 @@ def run(recipe: PPORecipe) -> Path:
         if whitened(ppo):
             mean, var = global_whiten_stats(accelerator, advantages, mask)
             advantages = masked_whiten(advantages, mask, mean=mean, var=var)
+        # the sampler's log-probs against the trainer's (vllm): logged, and with tis, each token's loss weighted
+        mismatch = sampler_mismatch(accelerator, gen, old_logprobs, mask)
+        if ppo.rollout_correction == "tis":
+            weights, tis_stats = truncated_importance_weights(old_logprobs, gen.logprobs, mask,
+                                                              ppo.rollout_correction_cap)
+            advantages, mismatch = advantages * weights, {**mismatch, **{k: float(v) for k, v in tis_stats.items()}}
         exp = Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, prompt_width=gen.prompt_width,
                          response_mask=mask, ended=gen.ended, raw_scores=raw_scores, scores=scores,
                          old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values, entropy=entropy,
@@ -122,11 +131,12 @@ def run(recipe: PPORecipe) -> Path:
         with watch("time/update_s"):
             stats = update(accelerator, actor, critic, optimizers, schedulers, guard, exp, ppo, train, temperature,
                            suppress_ids, kl_ctl.value, it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it))
-        engine.sync(policy)  # the next rollout samples from the updated weights
+        with watch("time/sync_s"):
+            engine.sync(policy)  # the next rollout samples from the updated weights
 
         # 7. metrics, KL controller, gold monitor
         metrics = {**rollout_metrics(accelerator, exp, kl_ctl.value, episodes_per_iteration,
-                                     watch.seconds["time/generate_s"]), **stats, **watch.seconds}
+                                     watch.seconds["time/generate_s"]), **stats, **mismatch, **watch.seconds}
         metrics.update({"train/lr": schedulers["actor"].get_last_lr()[0], "train/nonfinite_skipped": guard.skipped})
         kl_ctl.update(metrics["objective/kl"], episodes_per_iteration)
         if gold_prompts and ((it + 1) % ppo.gold_every == 0 or it + 1 == iterations):
