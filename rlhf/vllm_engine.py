@@ -133,7 +133,7 @@ class VLLMEngine(Engine):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its start-up notes would bury the run's own
         from vllm import LLM
 
-        self.dtype = next(p for p in policy.parameters()).dtype
+        self.dtype = policy.get_input_embeddings().weight.dtype  # the model's (LoRA weights may be kept in float32)
         self.gpu = torch.device(ctx.device).type == "cuda"
         self.folder = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
         config = config.to_dict() | {"architectures": list(config.architectures or [type(policy).__name__])}
@@ -229,3 +229,43 @@ def _kv_bytes(config: dict, rows: int, positions: int, dtype: torch.dtype) -> in
     head = config.get("head_dim") or (config.get("hidden_size") or config.get("n_embd")) // heads
     per_token = 2 * layers * kv_heads * head * torch.finfo(dtype).bits // 8
     return max(per_token * (rows + 2) * (positions + 32), 16 << 20)
+
+
+def exported_greedy_check(folder, figures: list[dict], new_tokens: int, stop_ids: list[int], dtype: str) -> dict:
+    """`rlhf export`'s check that users can serve the exported folder with vLLM: its greedy decode of the parity
+    prompts (`figures`: each prompt's ids and transformers' greedy tokens) equals transformers', each compared up to
+    and including the first stop id, in the exported `dtype` (vLLM's 'auto' would run float32 weights in bfloat16).
+    {'greedy_match': share of prompts, 'prompts'} or {'skipped': why}."""
+    if not vllm_installed():
+        return {"skipped": "vLLM is not installed"}
+    import json
+
+    from transformers import AutoConfig
+
+    try:
+        check_model(AutoConfig.from_pretrained(folder), "cuda" if torch.cuda.is_available() else "cpu")
+    except UserError as err:
+        return {"skipped": err.message}
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    positions = _positions(config)
+    kwargs = {} if torch.cuda.is_available() else {
+        "kv_cache_memory_bytes": _kv_bytes(config, 1, positions, torch.float32)}
+    llm = LLM(model=str(folder), skip_tokenizer_init=True, enforce_eager=True, max_model_len=positions, max_num_seqs=1,
+              enable_prefix_caching=False, dtype=dtype, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, stop_token_ids=list(stop_ids), ignore_eos=True,
+                            detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=f["prompt"]) for f in figures], params, use_tqdm=False)
+    del llm
+
+    def upto_stop(ids: list[int]) -> list[int]:
+        first = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids) - 1)
+        return list(ids[:first + 1])
+
+    same = [upto_stop(list(o.outputs[0].token_ids)) == upto_stop(f["greedy"]) for o, f in zip(outs, figures)]
+    return {"greedy_match": sum(same) / max(len(same), 1), "prompts": len(same)}

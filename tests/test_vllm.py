@@ -248,3 +248,11 @@ def test_ppo_stage_with_vllm_rollouts(variant, tmp_path):
     assert all("gold/accuracy" in r for r in steps)
     if variant == "full_tis":
         assert all(0.9 < r["rollout/tis_weight_mean"] < 1.1 for r in steps)
+    else:  # the exported (merged) model in vLLM: greedy equals transformers' on the parity prompts
+        export = write_yaml(tmp_path / "export.yaml", {
+            "stage": "export", "output_dir": str(tmp_path / "export"), "source": str(tmp_path / "ppo"),
+            "export": {"dtype": "float32", "parity_count": 3, "parity_new_tokens": 6}})
+        out = rlhf("export", str(export), env={"OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+        assert manifest["parity"]["vllm"] == {"greedy_match": 1.0, "prompts": 3}
