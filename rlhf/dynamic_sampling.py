@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from rlhf.losses import informative_groups
-from rlhf.rollout import Generation
+from rlhf.rollout import Generation, concat
 from rlhf.runtime import global_sum, global_sums
 
 
@@ -31,33 +31,17 @@ class Round:
     scores: torch.Tensor  # (B,) shaped
 
 
-def concat_generations(gens: list[Generation], pad_id: int) -> Generation:
-    """Rows of several generations in one: prompts left-padded to the widest prompt, responses right-padded to the
-    longest response (pad positions: `pad_id`, attention 0, response mask 0)."""
-    width = max(g.prompt_width for g in gens)
-    length = max(g.response_mask.shape[1] for g in gens)
-
-    pad = torch.nn.functional.pad
-    seqs, attn, resp = [], [], []
-    for g in gens:
-        left, right = width - g.prompt_width, length - g.response_mask.shape[1]
-        seqs.append(pad(g.sequences, (left, right), value=pad_id))
-        attn.append(pad(g.attention_mask, (left, right), value=0))
-        resp.append(pad(g.response_mask, (0, right), value=0))
-    return Generation(sequences=torch.cat(seqs), attention_mask=torch.cat(attn), response_mask=torch.cat(resp),
-                      ended=torch.cat([g.ended for g in gens]), prompt_width=width)
-
-
 def select_rows(rnd: Round, rows: list[int]) -> Round:
     g = rnd.gen
     gen = Generation(sequences=g.sequences[rows], attention_mask=g.attention_mask[rows],
-                     response_mask=g.response_mask[rows], ended=g.ended[rows], prompt_width=g.prompt_width)
+                     response_mask=g.response_mask[rows], ended=g.ended[rows], prompt_width=g.prompt_width,
+                     logprobs=None if g.logprobs is None else g.logprobs[rows])
     return Round([rnd.batch[i] for i in rows], gen, rnd.raw_scores[rows],
                  {k: v[rows] for k, v in rnd.sources.items()}, rnd.scores[rows])
 
 
 def merge_rounds(rounds: list[Round], pad_id: int) -> Round:
-    return Round([p for r in rounds for p in r.batch], concat_generations([r.gen for r in rounds], pad_id),
+    return Round([p for r in rounds for p in r.batch], concat([r.gen for r in rounds], pad_id),
                  torch.cat([r.raw_scores for r in rounds]),
                  {k: torch.cat([r.sources[k] for r in rounds]) for k in rounds[0].sources},
                  torch.cat([r.scores for r in rounds]))

@@ -385,3 +385,21 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, normalizer: fl
 
 
 KL_STATS = {"loss/kl": "sum"}
+
+
+def truncated_importance_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                                 cap: float) -> tuple[Tensor, dict]:
+    """Truncated importance sampling (TIS) for a rollout engine whose sampler differs slightly from the trainer:
+    w_t = min(exp(old_logprob_t − rollout_logprob_t), cap), 0 outside `mask`. All (B, A) -> (B, A).
+
+    Each token's policy loss is weighted by w_t (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; verl's and TRL's vLLM TIS). The clipped surrogate is positively homogeneous in the
+    advantage, so weighting a token's loss by w_t equals multiplying its advantage by w_t.
+    Stats: `rollout/tis_weight_mean`, `rollout/tis_capped` (share of tokens at the cap)."""
+    m = mask.to(old_logprobs.dtype)
+    log_cap = torch.log(torch.tensor(cap, dtype=old_logprobs.dtype))
+    capped = (old_logprobs - rollout_logprobs) >= log_cap
+    weights = torch.exp((old_logprobs - rollout_logprobs).clamp(max=log_cap)) * m  # exp never overflows
+    stats = {"rollout/tis_weight_mean": masked_mean(weights, m),
+             "rollout/tis_capped": masked_mean(capped.to(m.dtype), m)}
+    return weights, stats

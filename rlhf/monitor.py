@@ -20,7 +20,8 @@ def gold_sums(model, tokenizer, prompts: list[dict], cfg, device, scorer=None, s
     """Gold-scoring counts for `prompts` ({'prompt_ids', 'meta', 'prompt', 'record'}), which may be one process's
     shard: {'correct', 'graded', 'ended', 'rows'(, 'proxy' summed)}. Add them over processes, then `gold_metrics`.
     Every call draws the same per-prompt noise (seeded decoder): changes are the policy's, not the dice's.
-    `first`, `batches`, `synced`, `stop_ids`: see `rlhf.rollout.complete`."""
+    `model`: a module or an `rlhf.rollout.Engine`; `first`, `batches`, `synced`, `stop_ids`: see
+    `rlhf.rollout.complete`."""
     rows = complete(model, tokenizer, [p["prompt_ids"] for p in prompts], cfg, device, seed=seed, first=first,
                     batches=batches, synced=synced, stop_ids=stop_ids)
     graded = [grade(p["meta"], r["completion"]) for p, r in zip(prompts, rows) if has_gold(p["meta"])]
@@ -41,15 +42,16 @@ def gold_metrics(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def gold_check(accelerator, model, tokenizer, prompts: list[dict], cfg, scorer, seed: int, monitor, stop_ids: list[int],
-               step: int, kl: float) -> dict[str, float]:
-    """Gold accuracy and proxy score of `model` on the held-out `prompts`, with the monitor's warnings
-    (printed by the main process; every process keeps the monitor's state). Every process decodes a
-    contiguous shard (sharded weights need all of them in each forward) and the counts are summed."""
+def gold_check(accelerator, engine, tokenizer, prompts: list[dict], cfg, scorer, seed: int, monitor,
+               stop_ids: list[int], step: int, kl: float) -> dict[str, float]:
+    """Gold accuracy and proxy score of the policy that `engine` (`rlhf.rollout.Engine`) decodes, on the held-out
+    `prompts`, with the monitor's warnings (printed by the main process; every process keeps the monitor's state).
+    Every process decodes a contiguous shard (sharded weights need all of them in each forward) and the counts are
+    summed."""
     world, rank, n = accelerator.num_processes, accelerator.process_index, len(prompts)
     lo, hi = rank * n // world, (rank + 1) * n // world
     calls = math.ceil(math.ceil(n / world) / cfg.batch_size)  # the largest shard's; every process makes as many
-    sums = gold_sums(model, tokenizer, prompts[lo:hi], cfg, accelerator.device, scorer, seed, first=lo, batches=calls,
+    sums = gold_sums(engine, tokenizer, prompts[lo:hi], cfg, accelerator.device, scorer, seed, first=lo, batches=calls,
                      synced=True, stop_ids=stop_ids)
     out = gold_metrics(global_sums(accelerator, sums))
     warnings = monitor.check(step, out, kl)

@@ -78,6 +78,10 @@ class PPORecipe(_Recipe):
         if self.ppo.overlong_buffer > self.generate.max_new_tokens:
             raise RecipeError(f"the overlong buffer ({self.ppo.overlong_buffer} tokens) is longer than "
                               f"generate.max_new_tokens ({self.generate.max_new_tokens})", key="ppo.overlong_buffer")
+        if self.ppo.rollout_correction != "none" and self.generate.engine != "vllm":
+            raise RecipeError(f"{self.ppo.rollout_correction} weighs tokens by the sampler's own log-probs, which only "
+                              "generate.engine: vllm reports; the other engines sample from the trained weights "
+                              "themselves", key="ppo.rollout_correction")
 
 
 @dataclass(kw_only=True)

@@ -91,18 +91,18 @@ def prepare_training(accelerator, roles: Roles, ppo, train, iterations: int) -> 
     return dict(zip(trained, prepared[:len(trained)])), dict(zip(optimizers, prepared[len(trained):])), schedulers
 
 
-def reward_scale(accelerator, recipe, roles: Roles, critic, policy, prompts: list[dict], tokenizer, stop_ids: list[int],
+def reward_scale(accelerator, recipe, roles: Roles, critic, engine, prompts: list[dict], tokenizer, stop_ids: list[int],
                  fmt) -> dict | None:
     """At the start of a run: the statistics that normalize the reward model's scores (`reward_stats_of`), and a
     critic copied from the reward model put on that scale (`fold_normalization`). Returns the statistics."""
-    stats = reward_stats_of(accelerator, recipe.ppo, roles.scorer, policy, prompts, recipe.generate, tokenizer,
+    stats = reward_stats_of(accelerator, recipe.ppo, roles.scorer, engine, prompts, recipe.generate, tokenizer,
                             recipe.seed, stop_ids, fmt)
     if stats and critic is not None and recipe.ppo.critic_init == "reward":
         fold_normalization(accelerator.unwrap_model(critic), stats["mean"], stats["std"])
     return stats
 
 
-def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], generate, tokenizer, seed: int,
+def reward_stats_of(accelerator, ppo, scorer, engine, prompts: list[dict], generate, tokenizer, seed: int,
                     stop_ids: list[int], fmt) -> dict | None:
     """The mean/std that normalize reward-model scores in this run (None: `ppo.normalize_reward` is off, or there
     is no reward model).
@@ -124,8 +124,7 @@ def reward_stats_of(accelerator, ppo, scorer, policy, prompts: list[dict], gener
     mine = (plan_batches(len(prompts), count, shard, rank, world, seed, 0, 0) or [[]])[0]
     rows, keys = episodes(mine, k)
     raw = [torch.zeros(0, device=accelerator.device)]
-    for start, gen in generate_batches(policy, [prompts[i]["prompt_ids"] for i in rows], generate, stop_ids,
-                                       tokenizer.pad_token_id, accelerator.device,
+    for start, gen in generate_batches(engine, [prompts[i]["prompt_ids"] for i in rows], generate,
                                        row_keys(seed, 0, keys, accelerator.device), synced=True,
                                        min_batches=-(-shard * k // generate.batch_size)):
         chunk = rows[start:start + generate.batch_size]  # empty for a synced placeholder call

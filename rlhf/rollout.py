@@ -1,7 +1,8 @@
 """Rollout engines: sample responses for a batch of left-padded prompts.
 
-An engine is a function `(model, input_ids, attention_mask, cfg, stop_ids, pad_id, keys=, synced=) ->
-Generation`; `ENGINES` maps the names a recipe's `generate.engine` takes to them, so a faster engine
+An engine is an object with a lifecycle (`Engine`): built once per run from the policy (`build_engine`), told
+to follow the policy after every update (`sync`), asked for a `Generation` per batch of prompts (`generate`),
+closed at the end. `ENGINES` maps the names a recipe's `generate.engine` takes to them, so a faster engine
 (vLLM, a CUDA-graph decoder) can be added without touching the stages. `stop_ids` are every id that ends a
 response (`rlhf.tokenization.stop_token_ids`: EOS, the generation config's list, the chat template's end of turn
 such as `<|im_end|>`). Every engine returns responses truncated after the first stop id and right-padded
@@ -31,6 +32,9 @@ class Generation:
     response_mask: torch.Tensor  # (B, A) 1 on response tokens up to and including the first stop token
     ended: torch.Tensor  # (B,) True where the response contains a stop token (EOS or end of turn)
     prompt_width: int  # P
+    # (B, A) float32: the sampler's own log-prob of each response token (0 on padding), when the engine reports
+    # them (vLLM); None for the engines that decode with the training module itself
+    logprobs: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:  # (B, A)
@@ -186,43 +190,117 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
     return bool(finished)
 
 
-# recipe name -> engine (`generate.engine`); every engine takes (model, input_ids, attention_mask, cfg,
-# stop_ids, pad_id, keys=, synced=) and returns a Generation
-ENGINES = {"seeded": seeded_generate, "hf": hf_generate, "hf_static": partial(hf_generate, static_cache=True)}
+class Engine:
+    """A rollout engine with a lifecycle: built once per run from the policy (`build_engine`), `sync(policy)` after
+    every update and before the next rollout, `generate` for each batch of prompts, `close` at the end (also as a
+    context manager). `ctx` (`rlhf.context.RunContext`) holds the run's stop ids, pad id, device and tokenizer;
+    `cfg` is the recipe's `generate` section (a call may pass another, e.g. greedy)."""
+
+    name = "engine"
+
+    def __init__(self, policy, ctx, cfg):
+        self.policy, self.ctx, self.cfg = policy, ctx, cfg
+
+    def sync(self, policy) -> dict[str, float]:
+        """Make the engine sample from `policy`'s current weights; returns timing/size figures (may be empty)."""
+        self.policy = policy
+        return {}
+
+    def generate(self, input_ids, attention_mask, cfg=None, keys: torch.Tensor | None = None,
+                 synced: bool = False) -> Generation:
+        """Sample (or greedily decode, temperature 0) responses for left-padded prompts. Prompts too long for the
+        model's positions are cut from the left first (`data.fit_to_positions`)."""
+        from rlhf.data import fit_to_positions
+
+        cfg = cfg or self.cfg
+        input_ids, attention_mask = fit_to_positions(self.policy, input_ids, attention_mask, cfg.max_new_tokens,
+                                                     self.ctx.pad_id)
+        return self._decode(input_ids, attention_mask, cfg, keys, synced)
+
+    def _decode(self, input_ids, attention_mask, cfg, keys, synced) -> Generation:
+        raise NotImplementedError
+
+    def idle(self) -> None:
+        """Called when a rollout phase ends: an engine holding device memory may release it until the next `sync`."""
+
+    def close(self) -> None:
+        self.policy = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ModuleEngine(Engine):
+    """An engine that decodes with the training module itself (`decode`: `seeded_generate` or `hf_generate`): it
+    reads the live weights, so `sync` only points it at the policy."""
+
+    def __init__(self, policy, ctx, cfg, decode=seeded_generate, name: str = "seeded"):
+        super().__init__(policy, ctx, cfg)
+        self.decode, self.name = decode, name
+
+    def _decode(self, input_ids, attention_mask, cfg, keys, synced) -> Generation:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return self.decode(self.policy, input_ids, attention_mask, cfg, self.ctx.stop_ids, self.ctx.pad_id,
+                               keys=keys, synced=synced)
+        finally:
+            self.policy.train(was_training)
+
+
+def _vllm_engine(policy, ctx, cfg) -> Engine:
+    from rlhf.vllm_engine import VLLMEngine  # imported only when a recipe names it (vLLM is an optional extra)
+
+    return VLLMEngine(policy, ctx, cfg)
+
+
+# recipe name (`generate.engine`) -> engine class (policy, ctx, cfg) -> Engine
+ENGINES = {"seeded": partial(ModuleEngine, decode=seeded_generate, name="seeded"),
+           "hf": partial(ModuleEngine, decode=hf_generate, name="hf"),
+           "hf_static": partial(ModuleEngine, decode=partial(hf_generate, static_cache=True), name="hf_static"),
+           "vllm": _vllm_engine}
+
+
+def build_engine(policy, ctx, cfg, engine: str | None = None) -> Engine:
+    """The named engine (default: `cfg.engine`) for `policy`, built once per run."""
+    return ENGINES[engine or getattr(cfg, "engine", "seeded")](policy, ctx, cfg)
+
+
+def module_engine(model, stop_ids: Sequence[int], pad_id: int, cfg, engine: str | None = None,
+                  tokenizer=None, device=None) -> Engine:
+    """An engine over `model` from loose constants (tests, SFT samples), built for a few calls: close it after."""
+    from rlhf.context import RunContext
+
+    device = device if device is not None else next(model.parameters()).device
+    ctx = RunContext(tokenizer, tuple(stop_ids), pad_id, None, cfg.temperature or 1.0, (pad_id,), device, 8)
+    return build_engine(model, ctx, cfg, engine)
 
 
 def generate(model, input_ids, attention_mask, cfg, stop_ids: Sequence[int], pad_id: int, engine: str | None = None,
              keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
-    """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`).
-    Prompts too long for the model's positions are cut from the left first (`data.fit_to_positions`)."""
-    from rlhf.data import fit_to_positions
-
-    input_ids, attention_mask = fit_to_positions(model, input_ids, attention_mask, cfg.max_new_tokens, pad_id)
-    was_training = model.training
-    model.eval()
-    try:
-        run = ENGINES[engine or getattr(cfg, "engine", "seeded")]
-        return run(model, input_ids, attention_mask, cfg, stop_ids, pad_id, keys=keys, synced=synced)
-    finally:
-        model.train(was_training)
+    """One batch from `model` with the named module engine (default: `cfg.engine`), built for this call."""
+    with module_engine(model, stop_ids, pad_id, cfg, engine, device=input_ids.device) as run:
+        return run.generate(input_ids, attention_mask, cfg, keys, synced)
 
 
-def generate_batches(model, prompt_ids: list[list[int]], cfg, stop_ids: Sequence[int], pad_id: int, device,
-                     keys: torch.Tensor | None = None, engine: str | None = None, synced: bool = False,
-                     min_batches: int = 0) -> Iterator[tuple[int, Generation]]:
+def generate_batches(engine: Engine, prompt_ids: list[list[int]], cfg, keys: torch.Tensor | None = None,
+                     synced: bool = False, min_batches: int = 0) -> Iterator[tuple[int, Generation]]:
     """Generate for `prompt_ids`, `cfg.batch_size` prompts (left-padded) at a time: yields (index of the batch's
     first prompt, Generation). `keys` (one per prompt, see `row_keys`) make each row's sample independent of
     the batching. `min_batches`: generate calls to make at least; a call beyond the prompts decodes a one-token
     placeholder whose row is not a prompt's (synced processes with fewer prompts join the forwards)."""
     from rlhf.batching import collate_prompts
 
-    size = cfg.batch_size
+    size, pad_id, device = cfg.batch_size, engine.ctx.pad_id, engine.ctx.device
     for start in range(0, max(min_batches * size, len(prompt_ids)), size):
-        chunk = prompt_ids[start:start + size] or [[stop_ids[0]]]
+        chunk = prompt_ids[start:start + size] or [[engine.ctx.stop_ids[0]]]
         batch = collate_prompts([{"prompt_ids": p} for p in chunk], pad_id)
         chunk_keys = keys[start:start + size] if keys is not None and start < len(keys) else None
-        yield start, generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg,
-                              stop_ids, pad_id, engine, chunk_keys, synced)
+        yield start, engine.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg,
+                                     chunk_keys, synced)
 
 
 def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine: str | None = None,
@@ -232,17 +310,21 @@ def complete(model, tokenizer, prompt_ids: list[list[int]], cfg, device, engine:
     `stop_ids` (default: the tokenizer's, `rlhf.tokenization.stop_token_ids(tokenizer)`: EOS and its chat template's
     end of turn; pass the model's own list, read from its folder, when there is one).
 
-    `first`: index of prompt_ids[0] in a longer list sharded over processes (the seeded noise is keyed by
-    it, so a shard decodes as the whole list would). `batches`: generate calls to make at least (see
+    `model`: an `Engine` (its own stop ids then) or a module (decoded by the module engine `engine`, default
+    `cfg.engine`). `first`: index of prompt_ids[0] in a longer list sharded over processes (the seeded noise is
+    keyed by it, so a shard decodes as the whole list would). `batches`: generate calls to make at least (see
     `generate_batches`).
     """
     from rlhf.tokenization import stop_token_ids
 
-    stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
+    if not isinstance(model, Engine):
+        stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
+        with module_engine(model, stop_ids, tokenizer.pad_token_id, cfg, engine, tokenizer, device) as built:
+            return complete(built, tokenizer, prompt_ids, cfg, device, seed=seed, step=step, first=first,
+                            batches=batches, synced=synced)
     keys = row_keys(seed, step, range(first, first + len(prompt_ids)), device)
     out = []
-    for start, gen in generate_batches(model, prompt_ids, cfg, stop_ids, tokenizer.pad_token_id, device, keys,
-                                       engine, synced, batches):
+    for start, gen in generate_batches(model, prompt_ids, cfg, keys, synced, batches):
         real = prompt_ids[start:start + cfg.batch_size]
         for _, text, mask, ended in zip(real, decode_responses(tokenizer, gen), gen.response_mask, gen.ended):
             out.append({"completion": text, "ended": bool(ended), "tokens": int(mask.sum())})
@@ -273,18 +355,33 @@ def concat(gens: list[Generation], pad_id: int) -> Generation:
     def rpad(x, width, value):
         return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
-    seqs, masks, rmasks = [], [], []
+    seqs, masks, rmasks, logprobs = [], [], [], []
     for g in gens:
+        if g.logprobs is not None:
+            logprobs.append(rpad(g.logprobs, a, 0.0))
         prompt, prompt_mask = g.sequences[:, :g.prompt_width], g.attention_mask[:, :g.prompt_width]
         seqs.append(torch.cat([lpad(prompt, p, pad_id), rpad(g.responses, a, pad_id)], 1))
         masks.append(torch.cat([lpad(prompt_mask, p, 0), rpad(g.response_mask, a, 0)], 1))
         rmasks.append(rpad(g.response_mask, a, 0))
-    return Generation(torch.cat(seqs), torch.cat(masks), torch.cat(rmasks), torch.cat([g.ended for g in gens]), p)
+    return Generation(torch.cat(seqs), torch.cat(masks), torch.cat(rmasks), torch.cat([g.ended for g in gens]), p,
+                      torch.cat(logprobs) if len(logprobs) == len(gens) else None)
 
 
-def sample(model, examples: list[dict], cfg, stop_ids: Sequence[int], pad_id: int, device,
-           keys: torch.Tensor | None = None, engine: str | None = None, synced: bool = False) -> Generation:
+def sample(engine: Engine, examples: list[dict], cfg, keys: torch.Tensor | None = None,
+           synced: bool = False) -> Generation:
     """Rollouts for prompt examples ({'prompt_ids'}) as one Generation (see `generate_batches`)."""
-    gens = generate_batches(model, [e["prompt_ids"] for e in examples], cfg, stop_ids, pad_id, device, keys, engine,
-                            synced)
-    return concat([gen for _, gen in gens], pad_id)
+    gens = generate_batches(engine, [e["prompt_ids"] for e in examples], cfg, keys, synced)
+    return concat([gen for _, gen in gens], engine.ctx.pad_id)
+
+
+def sampler_mismatch(accelerator, gen: Generation, old_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """|sampler − trainer| log-prob of every response token, over all processes: `rollout/logprob_diff_max` and
+    `rollout/logprob_diff_mean` (empty for engines that report no log-probs: they sample from the trained module)."""
+    if gen.logprobs is None:
+        return {}
+    from rlhf.runtime import global_sums
+
+    diff = (gen.logprobs - old_logprobs).abs() * mask
+    sums = global_sums(accelerator, {"sum": diff.sum(), "n": mask.sum()})
+    top = accelerator.gather(diff.max().reshape(1) if diff.numel() else torch.zeros(1, device=diff.device)).max()
+    return {"rollout/logprob_diff_max": float(top), "rollout/logprob_diff_mean": sums["sum"] / max(sums["n"], 1.0)}

@@ -93,9 +93,18 @@ class GenerateSection:
     top_k: int = opt(0, "keep the k most likely tokens (0 = off)", ge=0)
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", gt=0, le=1)
     batch_size: int = opt(32, "prompts per generate call", gt=0)
-    engine: Literal["seeded", "hf", "hf_static"] = opt(
+    engine: Literal["seeded", "hf", "hf_static", "vllm"] = opt(
         "seeded", "rollout engine: seeded = our KV-cached decoder, samples independent of batching and process count; "
-                  "hf = transformers generate; hf_static = generate with a static (compilable) KV cache")
+                  "hf = transformers generate; hf_static = generate with a static (compilable) KV cache; vllm = a "
+                  "colocated vLLM engine synced to the policy after every update (make setup-vllm)")
+    vllm_memory: float = opt(0.3, "vllm on a GPU: the engine's share of the device memory (gpu_memory_utilization)",
+                             gt=0, lt=1)
+
+    def validate(self) -> None:
+        # vLLM decodes greedily below its sampling epsilon (1e-5) where the other engines sample
+        if self.engine == "vllm" and 0 < self.temperature < 1e-5:
+            raise RecipeError(f"vLLM decodes greedily at temperature {self.temperature:g} (< 1e-5) where the other "
+                              "engines sample; use 0 (greedy) or a larger temperature", key="temperature")
 
 
 @dataclass(kw_only=True)
@@ -263,6 +272,10 @@ class PPOSection:
     critic_init: Literal["reward", "actor"] = opt("reward", "gae: critic backbone, the reward model or the SFT model")
     critic_lr: Optional[float] = opt(None, "critic learning rate (null = train.lr)", gt=0)
     max_log_ratio: float = opt(20.0, "clamp |logp - old_logp| before exp (counted in policy/ratio_clamped)", gt=0)
+    rollout_correction: Literal["none", "tis"] = opt(
+        "none", "tis = truncated importance sampling: each token's policy loss weighted by min(exp(old - rollout "
+                "logprob), rollout_correction_cap), for an engine whose sampler differs from the trainer (vllm)")
+    rollout_correction_cap: float = opt(2.0, "rollout_correction: tis: the largest weight", gt=0)
     gold_prompts: Optional[str] = opt(None, "prompts with gold answers (task suite) for the over-optimization monitor")
     gold_every: int = opt(0, "evaluate gold accuracy every N iterations (0 = off)", ge=0)
     gold_count: int = opt(64, "gold prompts per evaluation", gt=0)

@@ -27,10 +27,12 @@ from rlhf.forward import response_logprobs
 from rlhf.models import load_model
 from rlhf.tokenization import load_tokenizer, stop_token_ids
 from rlhf.recipes import EvalRecipe
-from rlhf.rollout import decode_responses, generate_batches, row_keys
+from rlhf.context import RunContext
+from rlhf.rollout import build_engine, decode_responses, generate_batches, row_keys
 from rlhf.runtime import partial_state, seed_everything
 from rlhf.scoring import load_scorer
 from rlhf.stats import win_rates
+from rlhf.vllm_engine import check_installed
 
 
 def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device, scorer, reference, greedy: bool,
@@ -38,14 +40,20 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
     """All figures for one model on `prompts` ({'prompt_ids', 'meta', 'prompt', 'record'}): its responses end at
     any of `stop_ids` (default: the tokenizer's EOS and end of turn); `fmt`: the format the prompts are in. With a
     `judge`, also its score of every response ('judge_scores') and the responses themselves, in prompt order."""
+    ctx = RunContext.build(tokenizer, device, stop_ids or None, fmt, cfg.temperature)
+    keys = row_keys(seed, 0, range(len(prompts)), device)  # every model draws the same per-prompt noise
+    with build_engine(model, ctx, cfg) as engine:  # one engine per model, closed before the next loads
+        return _evaluate(name, engine, model, prompts, cfg, keys, scorer, reference, greedy, shown, judge)
+
+
+def _evaluate(name, engine, model, prompts, cfg, keys, scorer, reference, greedy, shown, judge) -> dict:
+    ctx = engine.ctx
+    tokenizer, fmt, temperature, pad_id = ctx.tokenizer, ctx.fmt, ctx.temperature, ctx.pad_id
+    ids = [p["prompt_ids"] for p in prompts]
     correct, scores, kls, lengths, ended, samples, responses, judged = [], [], [], [], [], [], [], []
     by_task: dict[str, list[bool]] = {}
     gold = [has_gold(p["meta"]) for p in prompts]
-    temperature = cfg.temperature or 1.0
-    ids = [p["prompt_ids"] for p in prompts]
-    stop_ids, pad_id = stop_ids or stop_token_ids(tokenizer), tokenizer.pad_token_id
-    keys = row_keys(seed, 0, range(len(prompts)), device)  # every model draws the same per-prompt noise
-    for start, gen in generate_batches(model, ids, cfg, stop_ids, pad_id, device, keys):
+    for start, gen in generate_batches(engine, ids, cfg, keys):
         chunk = prompts[start:start + cfg.batch_size]
         texts = decode_responses(tokenizer, gen)
         responses += texts
@@ -73,7 +81,7 @@ def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device
             kls += ((lp - ref_lp) * mask).sum(-1).tolist()
     greedy_correct = []
     if greedy and any(gold):
-        for start, gen in generate_batches(model, ids, replace(cfg, temperature=0.0), stop_ids, pad_id, device):
+        for start, gen in generate_batches(engine, ids, replace(cfg, temperature=0.0)):
             for p, text in zip(prompts[start:start + cfg.batch_size], decode_responses(tokenizer, gen)):
                 if has_gold(p["meta"]):
                     greedy_correct.append(grade(p["meta"], text))
@@ -137,6 +145,7 @@ def run(recipe: EvalRecipe) -> Path:
         return folder.final
     seed_everything(recipe.seed)
     check_parents(recipe)
+    check_installed(recipe.generate.engine)
     section, device = recipe.eval, state.device
     load = dict(dtype=section.dtype, trust_remote_code=section.trust_remote_code)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from rlhf.errors import UserError
 from rlhf.hub import push_run
 from rlhf.models import DTYPES, STATS_FILE, hf_model, load_model, model_dir, model_info
 from rlhf.tokenization import load_tokenizer, stop_token_ids
+from rlhf.vllm_engine import exported_greedy_check
 from rlhf.runtime import partial_state
 from rlhf.saving import set_generation_ids, verify_model_dir
 from rlhf.recipes import ExportRecipe
@@ -53,7 +55,7 @@ def forward_figures(model, tokenizer, prompts: list[list[int]], new_tokens: int,
                                      do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=stop_ids)
                 greedy = gen[0, x.shape[1]:].tolist()
-            out.append({"logits": logits, "greedy": greedy})
+            out.append({"logits": logits, "greedy": greedy, "prompt": x[0].tolist()})
     return out
 
 
@@ -111,7 +113,8 @@ def run(recipe: ExportRecipe) -> Path:
         reference = figures(model)
         merge_check = None
     model = model.to(DTYPES[export.dtype])
-    cast_check = compare(reference, figures(model), TOLERANCE[export.dtype])
+    exported = figures(model)
+    cast_check = compare(reference, exported, TOLERANCE[export.dtype])
     parity = {"prompts": len(prompts), "merge_fp32": merge_check, "cast": cast_check}
     failed = [name for name, c in (("merge", merge_check), ("cast", cast_check)) if c and not c["logits_ok"]]
     if merge_check and merge_check["greedy_match"] < 1.0:
@@ -130,6 +133,12 @@ def run(recipe: ExportRecipe) -> Path:
         if causal:
             set_generation_ids(hf.generation_config, tokenizer, stop_ids)
             hf.generation_config.save_pretrained(str(out))
+        if causal:  # users serve exported models with vLLM: its greedy decode must equal transformers'
+            parity["vllm"] = exported_greedy_check(out, exported, export.parity_new_tokens, stop_ids,
+                                                     export.dtype)
+            if parity["vllm"].get("greedy_match", 1.0) < 1.0:
+                print(f"warning: vLLM's greedy decode of the exported model differs from transformers' on "
+                      f"{1 - parity['vllm']['greedy_match']:.0%} of the parity prompts", file=sys.stderr)
         stats = Path(recipe.source) / STATS_FILE
         if stats.is_file():  # reward models keep their normalization next to the weights
             shutil.copy(stats, out / STATS_FILE)

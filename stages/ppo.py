@@ -22,7 +22,7 @@ import torch
 from data_formats.chat import make_format
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.kl_control import KL_CONTROLLERS
-from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl
+from rlhf.losses import kl_penalized_rewards, masked_whiten, per_token_kl, truncated_importance_weights
 from rlhf.tokenization import stop_token_ids, tokenizer_for
 from rlhf.monitor import OverOptimizationMonitor, gold_check
 from rlhf.optim import StepGuard
@@ -33,9 +33,11 @@ from rlhf.rewards import load_reward_fn
 from rlhf.roles import (check_launch, load_roles, prepare_training, reward_scale, rollout_rows, save_trained,
                         startup_notes)
 from rlhf.recipes import PPORecipe, derived
-from rlhf.rollout import row_keys, sample
+from rlhf.context import RunContext
+from rlhf.rollout import build_engine, row_keys, sample, sampler_mismatch
 from rlhf.runtime import make_accelerator, seed_everything
 from rlhf.scaffold import Scaffold, Stopwatch
+from rlhf.vllm_engine import check_installed
 
 
 def run(recipe: PPORecipe) -> Path:
@@ -50,6 +52,7 @@ def run(recipe: PPORecipe) -> Path:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     episodes_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt  # k responses to each prompt
     reward_fn = load_reward_fn(ppo.reward_fn) if ppo.reward_fn else None  # import problems before any model loads
+    check_installed(generate.engine)
 
     # --- data: prompts (and gold-scored held-out prompts for the monitor) ---------------------------------------
     tokenizer = tokenizer_for(model_section, recipe.data.template)
@@ -69,17 +72,20 @@ def run(recipe: PPORecipe) -> Path:
     monitor, guard = OverOptimizationMonitor(ppo.kl_budget), StepGuard(train)
     scaffold = Scaffold(accelerator, folder, train, iterations, "ppo", models, optimizers, schedulers,
                         {"kl_controller": kl_ctl, "monitor": monitor, "guard": guard}, unit="iteration")
+    # the run's constants; log-probs under the distribution sampled from: its temperature (greedy PPO is refused
+    # at load), no pad token
+    ctx = RunContext.build(tokenizer, device, stop_ids, fmt, generate.temperature, train.micro_batch_size)
+    engine = build_engine(policy, ctx, generate)  # from the resumed weights; `sync` after each update follows them
     if scaffold.step == 0:  # a fresh run: the statistics that normalize scores (and the critic on their scale)
-        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, policy, prompts, tokenizer,
+        scaffold.state["reward_stats"] = reward_scale(accelerator, recipe, roles, critic, engine, prompts, tokenizer,
                                                       stop_ids, fmt)
     if roles.scorer is not None:
         roles.scorer.use_stats(scaffold.state["reward_stats"])
-    gold = partial(gold_check, accelerator, policy, tokenizer, gold_prompts, generate, roles.scorer, recipe.seed,
+    gold = partial(gold_check, accelerator, engine, tokenizer, gold_prompts, generate, roles.scorer, recipe.seed,
                    monitor, stop_ids)
     if gold_prompts and scaffold.step == 0:
         scaffold.log(0, gold(0, 0.0))  # the starting policy: the baseline the monitor compares against
-    # log-probs under the distribution sampled from: its temperature (greedy PPO is refused at load), no pad token
-    temperature, suppress_ids = generate.temperature, (tokenizer.pad_token_id,)
+    temperature, suppress_ids = ctx.temperature, ctx.suppress_ids
 
     for it in scaffold.steps():
         watch = Stopwatch()
@@ -89,8 +95,8 @@ def run(recipe: PPORecipe) -> Path:
             batch = [prompts[i] for i in rows]
             # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)
             with watch("time/generate_s"):
-                gen = sample(policy, batch, generate, stop_ids, tokenizer.pad_token_id, device,
-                             row_keys(recipe.seed, it + r * iterations, keys, device), synced=True)
+                gen = sample(engine, batch, generate, row_keys(recipe.seed, it + r * iterations, keys, device),
+                             synced=True)
             # 2. score prompt+response once: the frozen reward model and/or the reward function (+ DAPO's overlong
             # penalty)
             with watch("time/score_s"):
@@ -104,6 +110,7 @@ def run(recipe: PPORecipe) -> Path:
         rnd, sampling = dynamic_sample(accelerator, rollout, ppo.samples_per_prompt, ppo.max_sampling_rounds,
                                        tokenizer.pad_token_id) if ppo.dynamic_sampling else (rollout(0), {})
         gen, raw_scores, sources, scores = rnd.gen, rnd.raw_scores, rnd.sources, rnd.scores
+        engine.idle()  # a GPU engine releases its memory for the passes and the update
 
         # 3. old logprobs (actor), reference logprobs, values (critic): no grad
         mask = gen.response_mask.float()
@@ -120,6 +127,12 @@ def run(recipe: PPORecipe) -> Path:
         if whitened(ppo):
             mean, var = global_whiten_stats(accelerator, advantages, mask)
             advantages = masked_whiten(advantages, mask, mean=mean, var=var)
+        # the sampler's log-probs against the trainer's (vllm): logged, and with tis, each token's loss weighted
+        mismatch = sampler_mismatch(accelerator, gen, old_logprobs, mask)
+        if ppo.rollout_correction == "tis":
+            weights, tis_stats = truncated_importance_weights(old_logprobs, gen.logprobs, mask,
+                                                              ppo.rollout_correction_cap)
+            advantages, mismatch = advantages * weights, {**mismatch, **{k: float(v) for k, v in tis_stats.items()}}
         exp = Experience(sequences=gen.sequences, attention_mask=gen.attention_mask, prompt_width=gen.prompt_width,
                          response_mask=mask, ended=gen.ended, raw_scores=raw_scores, scores=scores,
                          old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values, entropy=entropy,
@@ -130,10 +143,13 @@ def run(recipe: PPORecipe) -> Path:
             stats = update(accelerator, actor, critic, optimizers, schedulers, guard, exp, ppo, train, temperature,
                            suppress_ids, kl_ctl.value, it + 1, torch.Generator().manual_seed(recipe.seed * 7919 + it),
                            max_new_tokens=generate.max_new_tokens)
+        with watch("time/sync_s"):
+            engine.sync(policy)  # the next rollout samples from the updated weights
 
         # 7. metrics, KL controller, gold monitor
         metrics = {**rollout_metrics(accelerator, exp, kl_ctl.value, episodes_per_iteration,
-                                     watch.seconds["time/generate_s"]), **stats, **sampling, **watch.seconds}
+                                     watch.seconds["time/generate_s"]), **stats, **sampling, **mismatch,
+                   **watch.seconds}
         metrics.update({"train/lr": schedulers["actor"].get_last_lr()[0], "train/nonfinite_skipped": guard.skipped})
         kl_ctl.update(metrics["objective/kl"], episodes_per_iteration)
         if gold_prompts and ((it + 1) % ppo.gold_every == 0 or it + 1 == iterations):
@@ -141,6 +157,7 @@ def run(recipe: PPORecipe) -> Path:
         scaffold.log(it + 1, metrics, {"score": f"{metrics['objective/score']:.3f}",
                                        "kl": f"{metrics['objective/kl']:.3f}"})
     final = scaffold.close()
+    engine.close()
     guard.check_trained()  # a run in which every update was skipped (non-finite) must not finish
 
     # --- artifacts: the actor (adapter on the sft model, or full) and the critic ------------------------------------
