@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from rlhf.files import write_json_atomic
+from rlhf.runtime import collective_forwards
 from rlhf.models import STATS_FILE, ScalarHead, hf_model, model_dir
 from rlhf.tokenization import stop_token_ids
 
@@ -40,8 +41,11 @@ def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str |
     hf = hf_model(unwrapped)
     task = "seq_cls" if hasattr(hf, "score") and not hasattr(hf, "lm_head") else "causal_lm"
     info = {"kind": "adapter" if is_adapter else "full", "task": task}
+    # under FSDP and ZeRO-3 a forward gathers the shards from every process: all of them run the probe
+    probe = fingerprint(unwrapped, tokenizer) if accelerator.is_main_process or collective_forwards(accelerator) \
+        else None
     if accelerator.is_main_process:
-        info["fingerprint"] = fingerprint(unwrapped, tokenizer)
+        info["fingerprint"] = probe
         path.mkdir(parents=True, exist_ok=True)
         if is_adapter:
             info["base"] = str(Path(base).resolve()) if base and Path(base).exists() else base
