@@ -244,7 +244,8 @@ class ScalarHead(nn.Module):
     def __init__(self, model: nn.Module, bias: bool = False):
         super().__init__()
         self.model = model
-        self.bias = nn.Parameter(torch.zeros((), dtype=torch.float32)) if bias else None
+        # shape (1,), not a scalar: FSDP2 shards parameters along a dimension
+        self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32)) if bias else None
 
     def forward(self, input_ids, attention_mask, position_ids=None):  # (B, T) -> (B, T)
         hf = hf_model(self.model)

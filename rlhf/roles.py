@@ -87,8 +87,10 @@ def prepare_training(accelerator, roles: Roles, ppo, train, iterations: int) -> 
     optimizers = {name: build_optimizer(model.parameters(), train, lr=ppo.critic_lr if name == "critic" else None)
                   for name, model in trained.items()}
     schedulers = {name: build_scheduler(optimizer, train, updates) for name, optimizer in optimizers.items()}
-    prepared = accelerator.prepare(*trained.values(), *optimizers.values())
-    return dict(zip(trained, prepared[:len(trained)])), dict(zip(optimizers, prepared[len(trained):])), schedulers
+    # one model per `prepare` call: accelerate's FSDP2 takes one model (and its optimizer) at a time
+    prepared = {name: accelerator.prepare(model, optimizers[name]) for name, model in trained.items()}
+    return {name: pair[0] for name, pair in prepared.items()}, {name: pair[1] for name, pair in prepared.items()}, \
+        schedulers
 
 
 def reward_scale(accelerator, recipe, roles: Roles, critic, policy, prompts: list[dict], tokenizer, stop_ids: list[int],
