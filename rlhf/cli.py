@@ -79,6 +79,19 @@ def reference() -> str:
            "Any key can be overridden on the command line as `dotted.key=value`.", ""]
     for stage, what in STAGES.items():
         out += [f"## `{stage}`: {what}", "", "```", *stage_help(stage), "```", ""]
+    out += ["## Sharded runs (FSDP, DeepSpeed)", "",
+            "The manifest's `derived` records the engine that ran: `distributed_type` (accelerate's name: `NO`, "
+            "`MULTI_CPU`, `MULTI_GPU`, `FSDP`, `DEEPSPEED`), plus `zero_stage` (DeepSpeed) or `fsdp_version` (FSDP); "
+            "the stage's start line prints it. Under DeepSpeed, `train_micro_batch_size_per_gpu` = "
+            "`train.micro_batch_size`, `gradient_accumulation_steps` = 1 (the loop accumulates itself) and "
+            "`gradient_clipping` = `train.max_grad_norm` are set from the recipe; a DeepSpeed config that states "
+            "other batch sizes is an error naming `deepspeed_config.<key>` (exit 2), as is ZeRO-3 with "
+            "`lora.quantization: 4bit`.", "",
+            "`RLHF_CPU_SHARDING=1` (environment, a testing aid): on a machine without CUDA, "
+            "`accelerate launch --config_file recipes/accelerate/{fsdp,zero2,zero3}.yaml --num_processes 2 "
+            "--mixed_precision no -m rlhf.cli STAGE ...` runs FSDP2 or DeepSpeed on CPU processes over gloo instead "
+            "of accelerate's silent fallback to plain multi-process CPU (`MULTI_CPU`). Without it nothing changes.",
+            ""]
     return "\n".join(out)
 
 

@@ -26,7 +26,7 @@ import torch
 from rlhf.batching import eval_shard, plan_batches, steps_per_epoch
 from rlhf.errors import UserError
 from rlhf.optim import StepGuard, optimizer_step
-from rlhf.runtime import global_sum, global_sums, micro_batch
+from rlhf.runtime import forwards_to_match, global_sum, global_sums, micro_batch
 from rlhf.scaffold import Scaffold
 
 Stats = dict[str, torch.Tensor]
@@ -84,6 +84,8 @@ def evaluate(accelerator, model, task: Task, micro: int) -> dict[str, float]:
         for idx in shard:
             _, stats = task.eval_loss(idx, den)
             _sum_into(sums, stats)
+        for _ in range(forwards_to_match(accelerator, task.n_eval, micro, len(shard))):
+            task.eval_loss(shard[0], den)  # a process with a shorter shard joins the others' collective forwards
     model.train(was_training)
     out = global_sums(accelerator, sums)
     if task.finalize:

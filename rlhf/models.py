@@ -26,6 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 from rlhf.artifacts import read_manifest
 from rlhf.errors import UserError
 from rlhf.lora import apply_lora, trained_token_ids
+from rlhf.zero3 import gathered, replicated_load, rows
 
 # mean/std of a scalar model's outputs, kept next to its weights: normalized = (output - mean) / std
 STATS_FILE = "reward_stats.json"
@@ -86,7 +87,7 @@ def resize_embeddings(model: nn.Module, vocab: int) -> None:
     """Grow the embeddings to `vocab` rows; new rows = mean of the old ones (deterministic, so a
     reloaded adapter sees exactly the same base)."""
     emb = model.get_input_embeddings()
-    old = emb.weight.shape[0]
+    old = rows(emb.weight)
     if vocab <= old:
         return
     with contextlib.redirect_stderr(io.StringIO()):
@@ -95,8 +96,9 @@ def resize_embeddings(model: nn.Module, vocab: int) -> None:
         for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
                       if m is not None}.values():
             w = layer.weight
-            if w.shape[0] == vocab:
-                w[old:] = w[:old].mean(0, keepdim=True)
+            if rows(w) == vocab:
+                with gathered(w):
+                    w[old:] = w[:old].mean(0, keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +149,15 @@ def load_model(spec: str, key: str = "model.name_or_path", *, task: str = "causa
     """
     where, manifest = model_dir(spec, key)
     info = model_info(spec, key, revision)
+    # a converted or merged model is built from whole weights (ZeRO-3 partitions it at `prepare`)
+    with replicated_load() if info.get("task", "causal_lm") != task or info["kind"] == "adapter" else \
+            contextlib.nullcontext():
+        return _load_model(where, info, spec, key, task, dtype, revision, trust_remote_code, attn_implementation,
+                           vocab, quantize_4bit)
+
+
+def _load_model(where, info, spec, key, task, dtype, revision, trust_remote_code, attn_implementation, vocab,
+                quantize_4bit) -> nn.Module:
     torch_dtype = DTYPES[dtype]
     if info["kind"] == "adapter":
         if quantize_4bit:
@@ -233,7 +244,8 @@ class ScalarHead(nn.Module):
     def __init__(self, model: nn.Module, bias: bool = False):
         super().__init__()
         self.model = model
-        self.bias = nn.Parameter(torch.zeros((), dtype=torch.float32)) if bias else None
+        # shape (1,), not a scalar: FSDP2 shards parameters along a dimension
+        self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32)) if bias else None
 
     def forward(self, input_ids, attention_mask, position_ids=None):  # (B, T) -> (B, T)
         hf = hf_model(self.model)
@@ -269,9 +281,9 @@ def load_trainable(model_section, lora_section, tokenizer, task: str = "causal_l
     model = load_model(spec or model_section.name_or_path, key, task=task,
                        quantize_4bit=bool(lora_section and lora_section.quantization == "4bit"),
                        **_load_options(model_section))
-    rows = model.get_input_embeddings().weight.shape[0]
+    base_rows = rows(model.get_input_embeddings().weight)
     resize_embeddings(model, len(tokenizer))
-    token_ids = trained_token_ids(tokenizer, rows, lora_section) if lora_section is not None else []
+    token_ids = trained_token_ids(tokenizer, base_rows, lora_section) if lora_section is not None else []
     if task == "seq_cls":
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_section.gradient_checkpointing:
@@ -311,9 +323,11 @@ def _cast_inputs(module: nn.Module, inputs: tuple) -> tuple:
 def load_frozen(model_section, tokenizer, device, spec: str | None = None, key: str = "model.name_or_path",
                 task: str = "causal_lm") -> nn.Module:
     """A frozen copy (a reference model) loaded with the same `model` settings, in eval mode on `device`."""
-    model = load_model(spec or model_section.name_or_path, key, task=task, vocab=len(tokenizer),
-                       **_load_options(model_section))
+    with replicated_load():
+        model = load_model(spec or model_section.name_or_path, key, task=task, vocab=len(tokenizer),
+                           **_load_options(model_section))
     return model.to(device).eval().requires_grad_(False)
+
 
 
 def _load_options(model_section) -> dict:
@@ -363,9 +377,13 @@ def disable_dropout(*models) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts. Under DeepSpeed ZeRO-3 a parameter holds only its partition (its
+    local `numel` is 0 or a slice) and keeps its full size in `ds_numel`."""
+    def size(p) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total
 
 

@@ -12,13 +12,14 @@ from rlhf.errors import TrainingStopped
 
 
 def build_optimizer(params, train, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors). Under ZeRO-3 a
+    loaded parameter is a flat partition: its dimensions are those of `ds_shape`. Empty groups are left out
+    (DeepSpeed drops them, and a schedule built on the optimizer must see the groups it steps)."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": train.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": train.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     fused = bool(params) and params[0].is_cuda  # fused AdamW is faster on CUDA and identical in math
     return torch.optim.AdamW(groups, lr=lr or train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps,
                              fused=fused or None)

@@ -21,7 +21,7 @@ from rlhf.models import (ScalarHead, count_parameters, disable_dropout, load_fro
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.ppo import filtered_sampling_warning
 from rlhf.rollout import generate_batches, row_keys
-from rlhf.runtime import global_sums
+from rlhf.runtime import engine_line, global_sums
 from rlhf.saving import save_model
 from rlhf.scoring import RewardScorer, load_scorer, read_reward_stats
 
@@ -87,8 +87,10 @@ def prepare_training(accelerator, roles: Roles, ppo, train, iterations: int) -> 
     optimizers = {name: build_optimizer(model.parameters(), train, lr=ppo.critic_lr if name == "critic" else None)
                   for name, model in trained.items()}
     schedulers = {name: build_scheduler(optimizer, train, updates) for name, optimizer in optimizers.items()}
-    prepared = accelerator.prepare(*trained.values(), *optimizers.values())
-    return dict(zip(trained, prepared[:len(trained)])), dict(zip(optimizers, prepared[len(trained):])), schedulers
+    # one model per `prepare` call: accelerate's FSDP2 takes one model (and its optimizer) at a time
+    prepared = {name: accelerator.prepare(model, optimizers[name]) for name, model in trained.items()}
+    return {name: pair[0] for name, pair in prepared.items()}, {name: pair[1] for name, pair in prepared.items()}, \
+        schedulers
 
 
 def reward_scale(accelerator, recipe, roles: Roles, critic, engine, prompts: list[dict], tokenizer, stop_ids: list[int],
@@ -185,11 +187,12 @@ def startup_notes(accelerator, roles: Roles, prompts: list[dict], generate, devi
     then, from the main process, each role's memory and a note on filtered sampling."""
     warn_long_prompts(prompts, roles.actor, generate.max_new_tokens)
     if accelerator.is_main_process:
-        print("\n".join(filter(None, [memory_report(roles, device), filtered_sampling_warning(generate)])),
+        report = memory_report(roles, device, engine_line(accelerator))
+        print("\n".join(filter(None, [report, filtered_sampling_warning(generate)])),
               file=sys.stderr)
 
 
-def memory_report(roles: Roles, device) -> str:
+def memory_report(roles: Roles, device, engine: str) -> str:
     """Bytes each role holds (the reference shares the actor's weights under LoRA); only the roles held."""
     def gib(n: int) -> str:
         return f"{n / 2**30:.3f} GiB" if n >= 2**26 else f"{n / 2**20:.1f} MiB"
@@ -197,7 +200,7 @@ def memory_report(roles: Roles, device) -> str:
     def trained(model) -> str:
         return f"{gib(module_bytes(model))}  ({count_parameters(model)[0] / 1e6:.3f}M trainable)"
 
-    lines = [f"ppo roles on {device}:", f"  actor      {trained(roles.actor)}",
+    lines = [f"ppo roles on {device} ({engine}):", f"  actor      {trained(roles.actor)}",
              "  reference  " + (gib(module_bytes(roles.reference)) if roles.reference is not None
                                 else "shared with the actor (adapter disabled)")]
     if roles.critic is not None:

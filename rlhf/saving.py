@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from rlhf.files import write_json_atomic
+from rlhf.runtime import collective_forwards
 from rlhf.models import STATS_FILE, ScalarHead, hf_model, model_dir
 from rlhf.tokenization import stop_token_ids
 
@@ -30,9 +31,10 @@ def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str |
     state = None
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         state = accelerator.get_state_dict(model)  # gathered full weights (collective)
-    offset = None
+    offset, root = None, unwrapped
     if isinstance(unwrapped, ScalarHead):
-        offset = float(unwrapped.bias.detach()) if unwrapped.bias is not None else None
+        if unwrapped.bias is not None and accelerator.is_main_process:  # the gathered copy under FSDP/DeepSpeed
+            offset = float((state["bias"] if state is not None else unwrapped.bias).detach().reshape(()))
         unwrapped = unwrapped.model
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} if state is not None \
             else None
@@ -40,8 +42,12 @@ def save_model(accelerator, model: nn.Module, tokenizer, path: Path, base: str |
     hf = hf_model(unwrapped)
     task = "seq_cls" if hasattr(hf, "score") and not hasattr(hf, "lm_head") else "causal_lm"
     info = {"kind": "adapter" if is_adapter else "full", "task": task}
+    # under FSDP and ZeRO-3 a forward gathers the shards from every process: all of them run the probe
+    # (through the module that was prepared: under FSDP its root gathers the weights outside the wrapped layers)
+    probe = fingerprint(root, tokenizer, offset=offset or 0.0) \
+        if accelerator.is_main_process or collective_forwards(accelerator) else None
     if accelerator.is_main_process:
-        info["fingerprint"] = fingerprint(unwrapped, tokenizer)
+        info["fingerprint"] = probe
         path.mkdir(parents=True, exist_ok=True)
         if is_adapter:
             info["base"] = str(Path(base).resolve()) if base and Path(base).exists() else base
@@ -94,10 +100,11 @@ def _vocab_size(base_dir: str | None) -> int | None:
     return getattr(config.get_text_config(), "vocab_size", None)
 
 
-def fingerprint(model: nn.Module, tokenizer, width: int = 8) -> dict:
+def fingerprint(model: nn.Module, tokenizer, width: int = 8, offset: float = 0.0) -> dict:
     """Outputs of the in-memory model on a fixed probe, stored in the manifest: reloading the saved
     files must reproduce them (tests and `verify` compare). Causal LMs: the first `width` logits at
-    the last position; scalar models: the value at every position."""
+    the last position; scalar models: the value at every position (a `ScalarHead` less its `offset`, the bias
+    plain transformers does not add)."""
     ids = [t for t in range(3, 3 + 12) if t < len(tokenizer)]
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
@@ -106,7 +113,9 @@ def fingerprint(model: nn.Module, tokenizer, width: int = 8) -> dict:
     model.eval()
     with torch.no_grad():
         hf = hf_model(model)
-        if hasattr(hf, "score") and not hasattr(hf, "lm_head"):
+        if isinstance(model, ScalarHead):
+            values = (model(x, torch.ones_like(x))[0] - offset).tolist()
+        elif hasattr(hf, "score") and not hasattr(hf, "lm_head"):
             values = ScalarHead(model)(x, torch.ones_like(x))[0].tolist()
         else:
             values = model(input_ids=x).logits[0, -1, :width].float().tolist()

@@ -29,7 +29,7 @@ from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import DPORecipe, derived
 from rlhf.registry import PREFERENCE_LOSSES
-from rlhf.runtime import make_accelerator, seed_everything
+from rlhf.runtime import engine_figures, engine_line, forwards_to_match, make_accelerator, seed_everything
 
 REF_FILE = "ref_logps.safetensors"
 
@@ -53,7 +53,7 @@ def pair_logps(model, batch: dict, average: bool):
 
 
 def run(recipe: DPORecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
+    accelerator = make_accelerator(recipe)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final
@@ -79,6 +79,9 @@ def run(recipe: DPORecipe) -> Path:
     if dpo.disable_dropout:  # the reference runs without dropout (eval mode): the policy must match it
         disable_dropout(model)
     trainable, total = count_parameters(model)
+    if accelerator.is_main_process:
+        print(f"dpo: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trained, {len(train)} train pairs; "
+              f"{engine_line(accelerator)}")
 
     steps = loop.total_steps(len(train), recipe.train)
     optimizer = build_optimizer(model.parameters(), recipe.train)
@@ -143,7 +146,7 @@ def run(recipe: DPORecipe) -> Path:
 
     info = save_model(accelerator, model, tokenizer, folder.partial / "model", base=model_section.name_or_path)
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
-                         derived=derived(recipe))
+                         derived=derived(recipe) | engine_figures(accelerator))
 
 
 def precompute_reference(accelerator, path: Path, splits: dict[str, list], pad_id: int, micro: int,
@@ -160,11 +163,15 @@ def precompute_reference(accelerator, path: Path, splits: dict[str, list], pad_i
             continue
         chosen = torch.zeros(len(pairs), dtype=torch.float32)
         rejected = torch.zeros(len(pairs), dtype=torch.float32)
-        for idx in eval_shard(len(pairs), accelerator.process_index, accelerator.num_processes, micro):
+        shard = eval_shard(len(pairs), accelerator.process_index, accelerator.num_processes, micro)
+        for idx in shard:
             batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, packing), accelerator.device)
             with accelerator.autocast():
                 c, r = ref_pass(batch)
             chosen[idx], rejected[idx] = c.cpu(), r.cpu()
+        for _ in range(forwards_to_match(accelerator, len(pairs), micro, len(shard))):
+            with accelerator.autocast():  # a shorter shard joins the others' collective forwards (FSDP, ZeRO-3)
+                ref_pass(batch)
         if accelerator.num_processes > 1:  # each process filled its shard; the others are zero
             chosen = accelerator.reduce(chosen.to(accelerator.device), "sum").cpu()
             rejected = accelerator.reduce(rejected.to(accelerator.device), "sum").cpu()

@@ -35,13 +35,13 @@ from rlhf.roles import (check_launch, load_roles, prepare_training, reward_scale
 from rlhf.recipes import PPORecipe, derived
 from rlhf.context import RunContext
 from rlhf.rollout import build_engine, row_keys, sample, sampler_mismatch
-from rlhf.runtime import make_accelerator, seed_everything
+from rlhf.runtime import engine_figures, make_accelerator, seed_everything
 from rlhf.scaffold import Scaffold, Stopwatch
 from rlhf.vllm_engine import check_installed
 
 
 def run(recipe: PPORecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
+    accelerator = make_accelerator(recipe)
     check_launch(accelerator, recipe.ppo)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
@@ -164,4 +164,4 @@ def run(recipe: PPORecipe) -> Path:
     extra = save_trained(accelerator, folder.partial, actor, critic, tokenizer, recipe)
     extra.update(kl_controller=kl_ctl.state_dict(), reward_stats=scaffold.state["reward_stats"])
     final["train/iterations"] = iterations
-    return folder.finish(final, extra=extra, derived=derived(recipe))
+    return folder.finish(final, extra=extra, derived=derived(recipe) | engine_figures(accelerator))

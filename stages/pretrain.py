@@ -26,7 +26,7 @@ from rlhf.tokenization import DEFAULT_PAD, load_tokenizer
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import PretrainRecipe, derived
-from rlhf.runtime import make_accelerator, seed_everything
+from rlhf.runtime import engine_figures, engine_line, make_accelerator, seed_everything
 
 BOS, EOS = "<s>", "</s>"
 
@@ -70,7 +70,7 @@ def pack_documents(docs: list[str], tokenizer, max_len: int) -> list[list[int]]:
 
 
 def run(recipe: PretrainRecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
+    accelerator = make_accelerator(recipe)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final
@@ -107,7 +107,7 @@ def run(recipe: PretrainRecipe) -> Path:
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         print(f"pretrain: {total / 1e6:.2f}M parameters, {len(tokenizer)} tokens, {len(train_rows)} rows of "
-              f"{recipe.data.max_len}")
+              f"{recipe.data.max_len}; {engine_line(accelerator)}")
 
     steps = loop.total_steps(len(train_rows), recipe.train)
     optimizer = build_optimizer(model.parameters(), recipe.train)
@@ -138,4 +138,4 @@ def run(recipe: PretrainRecipe) -> Path:
     # --- artifact ----------------------------------------------------------------------------------
     info = save_model(accelerator, model, tokenizer, folder.partial / "model")
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
-                         derived=derived(recipe))
+                         derived=derived(recipe) | engine_figures(accelerator))

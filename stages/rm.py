@@ -27,12 +27,12 @@ from rlhf.tokenization import tokenizer_for
 from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import RMRecipe, derived
-from rlhf.runtime import global_sums, make_accelerator, seed_everything
+from rlhf.runtime import engine_figures, engine_line, forwards_to_match, global_sums, make_accelerator, seed_everything
 from rlhf.scoring import rewards_at_last_token
 
 
 def run(recipe: RMRecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
+    accelerator = make_accelerator(recipe)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final
@@ -51,7 +51,7 @@ def run(recipe: RMRecipe) -> Path:
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         print(f"rm: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trained, "
-              f"{len(train)} train / {len(evals)} eval pairs")
+              f"{len(train)} train / {len(evals)} eval pairs; {engine_line(accelerator)}")
 
     steps = loop.total_steps(len(train), recipe.train)
     optimizer = build_optimizer(model.parameters(), recipe.train)
@@ -108,7 +108,7 @@ def run(recipe: RMRecipe) -> Path:
         write_json_atomic(folder.partial / STATS_FILE, stats)
         write_json_atomic(folder.partial / "model" / STATS_FILE, stats)
     return folder.finish(metrics, extra={"model_info": info, "reward_stats": stats, "parameters": total,
-                                         "trainable_parameters": trainable}, derived=derived(recipe))
+                                         "trainable_parameters": trainable}, derived=derived(recipe) | engine_figures(accelerator))
 
 
 def pair_rewards(model, batch: dict) -> torch.Tensor:
@@ -124,12 +124,15 @@ def fit_reward_stats(accelerator, model, pairs: list[dict], pad_id: int, micro: 
     model.eval()
     s = {"n": 0.0, "sum": 0.0, "sq": 0.0}
     with torch.no_grad(), accelerator.autocast():
-        for idx in eval_shard(len(pairs), accelerator.process_index, accelerator.num_processes, micro):
+        shard = eval_shard(len(pairs), accelerator.process_index, accelerator.num_processes, micro)
+        for idx in shard:
             batch = to_device(collate_pairs([pairs[i] for i in idx], pad_id, packing), accelerator.device)
             r = pair_rewards(model, batch).float()
             s["n"] += r.numel()
             s["sum"] += float(r.sum())
             s["sq"] += float((r ** 2).sum())
+        for _ in range(forwards_to_match(accelerator, len(pairs), micro, len(shard))):
+            pair_rewards(model, batch)  # a shorter shard joins the others' collective forwards (FSDP, ZeRO-3)
     s = global_sums(accelerator, s)
     mean = s["sum"] / max(s["n"], 1.0)
     std = math.sqrt(max(s["sq"] / max(s["n"], 1.0) - mean ** 2, 1e-12))

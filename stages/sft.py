@@ -24,7 +24,7 @@ from rlhf.saving import save_model
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import SFTRecipe, derived
 from rlhf.rollout import complete, write_samples
-from rlhf.runtime import make_accelerator, seed_everything
+from rlhf.runtime import engine_figures, engine_line, make_accelerator, seed_everything
 
 
 def trained_tokens(example: dict) -> int:
@@ -33,7 +33,7 @@ def trained_tokens(example: dict) -> int:
 
 
 def run(recipe: SFTRecipe) -> Path:
-    accelerator = make_accelerator(recipe.train.mixed_precision, recipe.train.report_to, recipe.output_dir)
+    accelerator = make_accelerator(recipe)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
     if folder.finished:
         return folder.final
@@ -57,7 +57,8 @@ def run(recipe: SFTRecipe) -> Path:
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         print(f"sft: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trained "
-              f"({'LoRA r=%d' % lora.r if lora else 'full'}), {len(train)} train / {len(evals)} eval examples")
+              f"({'LoRA r=%d' % lora.r if lora else 'full'}), {len(train)} train / {len(evals)} eval examples; "
+              f"{engine_line(accelerator)}")
 
     steps = loop.total_steps(len(train), recipe.train)
     optimizer = build_optimizer(model.parameters(), recipe.train)
@@ -101,4 +102,4 @@ def run(recipe: SFTRecipe) -> Path:
                 write_samples(folder.partial / "samples.md", [{"prompt": r.prompt, **row}
                                                               for r, row in zip(records, rows)])
     return folder.finish(metrics, extra={"model_info": info, "parameters": total, "trainable_parameters": trainable},
-                         derived=derived(recipe))
+                         derived=derived(recipe) | engine_figures(accelerator))

@@ -30,7 +30,7 @@ def toy_run(root: Path, report_to: str, crash_after: int | None = None) -> Path 
                                              "model": {"name_or_path": "unused"}, "data": {"train": "unused.jsonl"},
                                              "train": {"save_every": 2, "lr": 0.1}})
     recipe = load_recipe(path, "sft", [f"train.report_to={report_to}"])
-    accelerator = make_accelerator("no", recipe.train.report_to, recipe.output_dir)
+    accelerator = make_accelerator(recipe)
     folder = RunFolder(recipe, accelerator.is_main_process)
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
