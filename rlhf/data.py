@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from data_formats.chat import Segment, make_format
@@ -252,6 +253,14 @@ def encode_sft(records: list, tokenizer, max_len: int, train_on_prompt: bool, ke
     whole response: it is dropped and counted in `dropped_too_long`. `truncated` counts kept examples
     that lost prompt or response tokens.
     """
+    out, dropped, truncated = sft_rows(records, tokenizer, max_len, train_on_prompt, max_prompt_len)
+    check_sft_kept(records, len(out), max_len, key)
+    return out, {"dropped_too_long": dropped, "truncated": truncated}
+
+
+def sft_rows(records: list, tokenizer, max_len: int, train_on_prompt: bool, max_prompt_len: int | None):
+    """`encode_sft` without its all-dropped check (a chunk of a large set may drop all): (examples, dropped,
+    truncated)."""
     bos = tokenizer.bos_token_id
     prompts = prompt_ids(records, tokenizer)
     turns = [[Segment(r.response, True)] + list(r.rest) for r in records]
@@ -272,9 +281,7 @@ def encode_sft(records: list, tokenizer, max_len: int, train_on_prompt: bool, ke
         truncated += len(p2) < len(p) or len(body) > room
         labels = (p2 if train_on_prompt else [IGNORE_INDEX] * len(p2)) + body_labels[:room]
         out.append({"input_ids": p2 + body[:room], "labels": list(labels)})
-    _check_kept(records, out, max_len, key, "the prompt alone fills the budget",
-                "set " + key.rsplit(".", 1)[0] + ".max_prompt_len, ")
-    return out, {"dropped_too_long": dropped, "truncated": truncated}
+    return out, dropped, truncated
 
 
 def encode_preferences(records: list, tokenizer, max_len: int, max_prompt_len: int, key: str = "data.max_len"):
@@ -284,6 +291,13 @@ def encode_preferences(records: list, tokenizer, max_len: int, max_prompt_len: i
     Prompts are left-truncated to `max_prompt_len`; responses are cut to fit `max_len`. Pairs left with
     an empty response, or with chosen == rejected after cutting, are dropped and counted.
     """
+    out, dropped, truncated = preference_rows(records, tokenizer, max_len, max_prompt_len)
+    check_pairs_kept(records, len(out), max_len, key)
+    return out, {"dropped_too_long": dropped, "truncated": truncated}
+
+
+def preference_rows(records: list, tokenizer, max_len: int, max_prompt_len: int):
+    """`encode_preferences` without its all-dropped check: (pairs, dropped, truncated)."""
     bos = tokenizer.bos_token_id
     prompts = prompt_ids(records, tokenizer)
     eos = [r.eos for r in records]
@@ -300,9 +314,7 @@ def encode_preferences(records: list, tokenizer, max_len: int, max_prompt_len: i
             continue
         out.append({"prompt_ids": p2, "chosen_ids": c2, "rejected_ids": j2,
                     "margin": rec.margin if rec.margin is not None else 0.0})
-    _check_kept(records, out, max_len, key, "no response token, or none that tells chosen from rejected, is left",
-                "lower max_prompt_len, ")
-    return out, {"dropped_too_long": dropped, "truncated": truncated}
+    return out, dropped, truncated
 
 
 def load_pairs(section, tokenizer, seed: int) -> tuple[list, list, dict]:
@@ -328,16 +340,29 @@ def encode_prompts(records: list, tokenizer, max_prompt_len: int) -> tuple[list,
     return out, {"truncated": truncated}
 
 
-def _check_kept(records: list, kept: list, max_len: int, key: str, why: str, also: str) -> None:
+def check_sft_kept(records: list, kept: int, max_len: int, key: str = "data.max_len") -> None:
+    """An error when SFT records were given and every one was dropped."""
+    _check_kept(records, kept, max_len, key, "the prompt alone fills the budget",
+                "set " + key.rsplit(".", 1)[0] + ".max_prompt_len, ")
+
+
+def check_pairs_kept(records: list, kept: int, max_len: int, key: str = "data.max_len") -> None:
+    """An error when pairs were given and every one was dropped."""
+    _check_kept(records, kept, max_len, key, "no response token, or none that tells chosen from rejected, is left",
+                "lower max_prompt_len, ")
+
+
+def _check_kept(records: list, kept: int, max_len: int, key: str, why: str, also: str) -> None:
     if records and not kept:
         raise UserError(f"all {len(records)} records are too long for {max_len} tokens after truncation "
                         f"({why}); raise it, {also}or shorten the prompts", None, key)
 
 
-def length_stats(lengths: list[int]) -> dict:
-    if not lengths:
+def length_stats(lengths) -> dict:
+    """min, quantiles, max and mean of a list (or numpy array) of lengths."""
+    if len(lengths) == 0:
         return {}
-    s = sorted(lengths)
-    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
-    return {"min": s[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": s[-1],
-            "mean": round(sum(s) / len(s), 1)}
+    s = np.sort(np.asarray(lengths, dtype=np.int64))
+    pick = lambda q: int(s[min(len(s) - 1, int(q * len(s)))])  # noqa: E731
+    return {"min": int(s[0]), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": int(s[-1]),
+            "mean": round(int(s.sum()) / len(s), 1)}

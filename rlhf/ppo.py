@@ -10,14 +10,14 @@ import math
 from dataclasses import dataclass
 import torch
 
-from data_formats.schemas import parse_prompt
-from rlhf.data import encode_prompts, load_gold_prompts, load_split
+from rlhf.data import load_gold_prompts
 from rlhf.errors import UserError
 from rlhf.forward import response_logprobs
 from rlhf.losses import (KL_STATS, VALUE_STATS, aggregate_loss, kl_loss, loss_normalizer, overlong_penalty,
                          ppo_value_loss)
 from rlhf.models import position_ids_from_mask, reference_model
 from rlhf.optim import optimizer_step
+from rlhf.prepared import prepare_prompts
 from rlhf.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 from rlhf.rewards import call_reward_fn, check_records, reward_fn_source
 from rlhf.rollout import Generation, decode_responses
@@ -28,13 +28,12 @@ def load_prompts(recipe, tokenizer, folder) -> tuple[list[dict], list[dict]]:
     """The rollout prompts of `data` and the monitor's gold-scored prompts (`ppo.gold_prompts`), encoded; their
     counts and hashes (and the reward function's source file) go to the run's manifest."""
     ppo, data = recipe.ppo, recipe.data
-    split = load_split(data, parse_prompt, recipe.seed, tokenizer=tokenizer)  # `chat` renders with the tokenizer
-    prompts, counts = encode_prompts(split.train, tokenizer, data.max_prompt_len)
+    prompts, counts = prepare_prompts(data, tokenizer, recipe.seed)  # tokenized once, memory-mapped from the cache
     if ppo.reward_fn:
-        check_records(ppo.reward_fn, [p["meta"] for p in prompts])
+        check_records(ppo.reward_fn, prompts.metas())
     gold = load_gold_prompts(ppo.gold_prompts, data.template, tokenizer, data.max_prompt_len, ppo.gold_count,
                              recipe.seed) if ppo.gold_prompts and ppo.gold_every else []
-    folder.counts = {**split.counts, **counts, "gold_prompts": len(gold)}
+    folder.counts = {**counts, "gold_prompts": len(gold)}
     for name, path in (("model", recipe.model.name_or_path), ("reward_model", ppo.reward_model),
                        ("data.train", data.train), ("ppo.gold_prompts", gold and ppo.gold_prompts),
                        ("ppo.reward_fn", ppo.reward_fn and reward_fn_source(ppo.reward_fn))):

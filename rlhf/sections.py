@@ -107,6 +107,10 @@ class GenerateSection:
                               "engines sample; use 0 (greedy) or a larger temperature", key="temperature")
 
 
+CACHE_DIR_HELP = "where tokenized data is cached (null = $RLHF_DATA_CACHE, else ~/.cache/rlhf/data)"
+NUM_PROC_HELP = "processes that tokenize the data when it is not cached yet (the same result as 1)"
+
+
 @dataclass(kw_only=True)
 class DataSection:
     train: str = req("training data: a .json/.jsonl/.parquet file, a folder of them, or a hub dataset id")
@@ -118,6 +122,8 @@ class DataSection:
                                   "trained), or a text template: a name in data_formats/templates or a .json file")
     skip_invalid: bool = opt(False, "skip (and count) invalid records instead of stopping at the first")
     max_records: Optional[int] = opt(None, "use only the first N training records", gt=0)
+    cache_dir: Optional[str] = opt(None, CACHE_DIR_HELP)
+    num_proc: int = opt(1, NUM_PROC_HELP, gt=0)
 
 
 @dataclass(kw_only=True)
@@ -202,6 +208,8 @@ class CorpusData:
     train: list[str] = req("text corpus: .txt files (one document per blank-line block) or .jsonl with 'text'")
     eval_fraction: float = opt(0.02, "fraction of documents held out for perplexity", ge=0, lt=1)
     max_len: int = opt(256, "tokens per training row (documents are concatenated and cut)", gt=1)
+    cache_dir: Optional[str] = opt(None, CACHE_DIR_HELP)
+    num_proc: int = opt(1, NUM_PROC_HELP, gt=0)
 
 
 @dataclass(kw_only=True)

@@ -19,13 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from rlhf import loop
 from rlhf.artifacts import RunFolder, check_parents
-from rlhf.data import load_pairs
 from rlhf.batching import collate_pairs, eval_shard, to_device
 from rlhf.forward import label_logprobs, label_segments
 from rlhf.losses import dpo_loss, masked_sum, segment_sums, sequence_logps
 from rlhf.models import count_parameters, disable_dropout, load_frozen, load_trainable, reference_model
 from rlhf.tokenization import tokenizer_for
 from rlhf.saving import save_model
+from rlhf.prepared import prepare_pairs
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import DPORecipe, derived
 from rlhf.registry import PREFERENCE_LOSSES
@@ -65,7 +65,8 @@ def run(recipe: DPORecipe) -> Path:
 
     # --- data --------------------------------------------------------------------------------------
     tokenizer = tokenizer_for(model_section, data.template)
-    train, evals, folder.counts = load_pairs(data, tokenizer, recipe.seed)
+    prepared = prepare_pairs(data, tokenizer, recipe.seed)  # tokenized once, memory-mapped from the cache
+    train, evals, folder.counts = prepared.train, prepared.eval, prepared.counts
     for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval),
                        ("dpo.reference", dpo.reference)):
         folder.input(name, path)
@@ -136,8 +137,7 @@ def run(recipe: DPORecipe) -> Path:
                                                                                   for i in idx))}
 
     task = loop.Task(
-        n_train=len(train), lengths=[len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
-                                     for e in train],
+        n_train=len(train), lengths=prepared.lengths,
         weights=weights(train), micro_loss=make_loss(train, "train"), n_eval=len(evals),
         eval_weights=weights(evals), eval_loss=make_loss(evals, "eval"),
         progress=("loss/dpo", "rewards/accuracy", "rewards/margin"))

@@ -22,9 +22,10 @@ from data_formats.tasks import grade, has_gold
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.files import write_json_atomic
 from rlhf.card import markdown_table, percent, win_rate_table
-from rlhf.data import encode_prompts, read_prompts
 from rlhf.forward import response_logprobs
 from rlhf.models import load_model
+from rlhf.prepared import prepare_prompts
+from rlhf.sections import PromptData
 from rlhf.tokenization import load_tokenizer, stop_token_ids
 from rlhf.recipes import EvalRecipe
 from rlhf.context import RunContext
@@ -33,6 +34,8 @@ from rlhf.runtime import partial_state, seed_everything
 from rlhf.scoring import load_scorer
 from rlhf.stats import win_rates
 from rlhf.vllm_engine import check_installed
+
+EVAL_KEYS = {"train": "eval.prompts", "template": "eval.template"}  # the recipe keys prompt errors name
 
 
 def evaluate_model(name: str, model, tokenizer, prompts: list[dict], cfg, device, scorer, reference, greedy: bool,
@@ -164,9 +167,9 @@ def run(recipe: EvalRecipe) -> Path:
             key = f"eval.models.{name}"
             tokenizer = load_tokenizer(spec, key, pad_token=section.pad_token,
                                        trust_remote_code=section.trust_remote_code, pad_key="eval.pad_token")
-            records = read_prompts(section.prompts, "eval.prompts", recipe.seed, section.template, "eval.template",
-                                   section.max_prompts, tokenizer)
-            prompts, _ = encode_prompts(records, tokenizer, section.max_prompt_len)
+            data = PromptData(train=section.prompts, template=section.template, max_records=section.max_prompts,
+                              max_prompt_len=section.max_prompt_len)
+            prompts = list(prepare_prompts(data, tokenizer, recipe.seed, EVAL_KEYS)[0])  # tokenized once, cached
             model = load_model(spec, key, vocab=len(tokenizer), **load).to(device).eval()
             same_vocab = reference is not None and len(tokenizer) == reference.get_input_embeddings().weight.shape[0]
             ref = reference if same_vocab else None  # KL needs the same token ids

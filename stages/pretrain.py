@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from data_formats.chat import install_template, installed_tokens, load_chat_template
 from rlhf import loop
 from rlhf.artifacts import RunFolder
-from rlhf.data import length_stats, read_corpus
+from rlhf.corpus import prepare_corpus
+from rlhf.data import read_corpus
 from rlhf.errors import UserError
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
@@ -62,13 +63,6 @@ def train_tokenizer(docs: list[str], section, max_len: int):
     return tokenizer
 
 
-def pack_documents(docs: list[str], tokenizer, max_len: int) -> list[list[int]]:
-    """Concatenate <s> doc </s> <s> doc </s> ... and cut into rows of `max_len` (the tail is dropped)."""
-    ids = tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]  # long documents are cut below
-    stream = [t for doc in ids for t in doc + [tokenizer.eos_token_id]]
-    return [stream[i:i + max_len] for i in range(0, len(stream) - max_len + 1, max_len)]
-
-
 def run(recipe: PretrainRecipe) -> Path:
     accelerator = make_accelerator(recipe)
     folder = RunFolder(recipe, accelerator.is_main_process, accelerator.wait_for_everyone)
@@ -84,15 +78,14 @@ def run(recipe: PretrainRecipe) -> Path:
     n_eval = int(len(docs) * recipe.data.eval_fraction)
     eval_docs, train_docs = docs[:n_eval], docs[n_eval:]
     tokenizer = train_tokenizer(train_docs, recipe.tokenizer, recipe.data.max_len)
-    train_rows = pack_documents(train_docs, tokenizer, recipe.data.max_len)
-    eval_rows = pack_documents(eval_docs, tokenizer, recipe.data.max_len) if eval_docs else []
-    if not train_rows:
+    # tokenized and packed once (<s> doc </s> <s> doc </s> ... cut into rows), memory-mapped from the cache
+    train_rows, eval_rows, counts = prepare_corpus(recipe.data, tokenizer, train_docs, eval_docs, recipe.seed)
+    if not len(train_rows):
         raise UserError(f"the corpus is shorter than one row of data.max_len={recipe.data.max_len} tokens",
                         None, "data.max_len")
-    sample = tokenizer(train_docs[:2000], verbose=False)["input_ids"]
     folder.counts = {"documents": len(docs), "eval_documents": n_eval, "train_rows": len(train_rows),
                      "eval_rows": len(eval_rows), "vocab_size": len(tokenizer),
-                     "doc_tokens": length_stats([len(t) for t in sample])}
+                     "doc_tokens": counts["doc_tokens"]}
 
     # --- model ---------------------------------------------------------------------------------
     arch = recipe.model
@@ -116,8 +109,8 @@ def run(recipe: PretrainRecipe) -> Path:
     device = accelerator.device
 
     # --- loss: next-token cross-entropy, mean over all predicted tokens of the step ------------------
-    def batch_of(rows: list[list[int]], idx: list[int]) -> torch.Tensor:
-        return torch.tensor([rows[i] for i in idx], device=device)
+    def batch_of(rows, idx: list[int]) -> torch.Tensor:
+        return torch.tensor(rows[idx]["input_ids"], device=device)
 
     def make_loss(rows):
         def micro_loss(idx, den):

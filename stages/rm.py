@@ -18,13 +18,13 @@ from rlhf import loop
 from rlhf.artifacts import RunFolder, check_parents
 from rlhf.files import write_json_atomic
 from rlhf.checkpoint import SHARDED
-from rlhf.data import load_pairs
 from rlhf.batching import collate_pairs, eval_shard, to_device
 from rlhf.errors import UserError
 from rlhf.losses import pairwise_loss
 from rlhf.models import STATS_FILE, ScalarHead, count_parameters, load_trainable
 from rlhf.tokenization import tokenizer_for
 from rlhf.saving import save_model
+from rlhf.prepared import prepare_pairs
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import RMRecipe, derived
 from rlhf.runtime import engine_figures, engine_line, forwards_to_match, global_sums, make_accelerator, seed_everything
@@ -42,7 +42,8 @@ def run(recipe: RMRecipe) -> Path:
 
     # --- data --------------------------------------------------------------------------------------
     tokenizer = tokenizer_for(model_section, data.template)
-    train, evals, folder.counts = load_pairs(data, tokenizer, recipe.seed)
+    prepared = prepare_pairs(data, tokenizer, recipe.seed)  # tokenized once, memory-mapped from the cache
+    train, evals, folder.counts = prepared.train, prepared.eval, prepared.counts
     for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval)):
         folder.input(name, path)
 
@@ -80,8 +81,7 @@ def run(recipe: RMRecipe) -> Path:
         return s
 
     task = loop.Task(
-        n_train=len(train), lengths=[len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
-                                     for e in train],
+        n_train=len(train), lengths=prepared.lengths,
         weights=lambda idx: {"pairs": float(len(idx))}, micro_loss=make_loss(train), n_eval=len(evals),
         eval_weights=lambda idx: {"pairs": float(len(idx))}, eval_loss=make_loss(evals), finalize=finalize,
         progress=("loss/pairwise", "rewards/accuracy"))

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
-from data_formats.schemas import parse_alpaca
 from rlhf import loop
 from rlhf.artifacts import RunFolder, check_parents
-from rlhf.data import IGNORE_INDEX, encode_sft, length_stats, load_split, prompt_ids
+from rlhf.data import IGNORE_INDEX, prompt_ids
 from rlhf.batching import collate_sft, to_device
 from rlhf.forward import label_logprobs
 from rlhf.losses import masked_sum
 from rlhf.models import count_parameters, load_trainable
 from rlhf.tokenization import stop_token_ids, tokenizer_for
 from rlhf.saving import save_model
+from rlhf.prepared import prepare_sft
 from rlhf.optim import build_optimizer, build_scheduler
 from rlhf.recipes import SFTRecipe, derived
 from rlhf.rollout import complete, write_samples
@@ -43,12 +44,8 @@ def run(recipe: SFTRecipe) -> Path:
 
     # --- data --------------------------------------------------------------------------------------
     tokenizer = tokenizer_for(model_section, data.template)
-    split = load_split(data, parse_alpaca, recipe.seed, tokenizer=tokenizer)
-    encode = dict(max_len=data.max_len, train_on_prompt=data.train_on_prompt, max_prompt_len=data.max_prompt_len)
-    train, train_counts = encode_sft(split.train, tokenizer, **encode)
-    evals, eval_counts = encode_sft(split.eval, tokenizer, **encode) if split.eval else ([], {})
-    folder.counts = {**split.counts, **train_counts, "eval_dropped_too_long": eval_counts.get("dropped_too_long", 0),
-                     "tokens": length_stats([len(e["input_ids"]) for e in train])}
+    prepared = prepare_sft(data, tokenizer, recipe.seed)  # tokenized once, memory-mapped from the cache
+    train, evals, folder.counts = prepared.train, prepared.eval, prepared.counts
     for name, path in (("model", model_section.name_or_path), ("data.train", data.train), ("data.eval", data.eval)):
         folder.input(name, path)
 
@@ -80,7 +77,7 @@ def run(recipe: SFTRecipe) -> Path:
         save_model(accelerator, model, tokenizer, folder.partial / "best", base=model_section.name_or_path)
 
     task = loop.Task(
-        n_train=len(train), lengths=[len(e["input_ids"]) for e in train],
+        n_train=len(train), lengths=prepared.lengths,
         weights=lambda idx: {"tokens": float(sum(trained_tokens(train[i]) for i in idx))},
         micro_loss=make_loss(train), n_eval=len(evals),
         eval_weights=lambda idx: {"tokens": float(sum(trained_tokens(evals[i]) for i in idx))},
@@ -94,7 +91,7 @@ def run(recipe: SFTRecipe) -> Path:
     with folder.optional("the sample table (samples.md)"):  # never costs the trained model
         if recipe.samples:
             # every process decodes (under FSDP each forward gathers sharded weights collectively); one writes
-            records = (split.eval or split.train)[: recipe.samples]
+            records = [SimpleNamespace(**r) for r in prepared.head[: recipe.samples]]
             rows = complete(accelerator.unwrap_model(model), tokenizer, prompt_ids(records, tokenizer),
                             recipe.generate, accelerator.device, synced=True,
                             stop_ids=stop_token_ids(tokenizer, model_section.name_or_path))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tokenized data is cached in the session's own folder, never in the user's cache
+os.environ.setdefault("RLHF_DATA_CACHE", tempfile.mkdtemp(prefix="rlhf-test-data-"))
 
 
 def rlhf(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
