@@ -389,3 +389,12 @@ def test_a_tracker_that_cannot_start_is_one_line_before_any_model_loads(tmp_path
         make_accelerator("no", ["mlflow"], str(tmp_path / "out"))
     assert err.value.key == "train.report_to" and "MLFLOW_TRACKING_URI" in err.value.line()
     assert "MLFLOW_ALLOW_FILE_STORE=true" in err.value.line() and "\n" not in err.value.line()
+
+
+def test_a_judge_that_is_a_causal_lm_is_refused_by_name(chain):
+    from rlhf.scoring import RewardScorer
+
+    with pytest.raises(UserError, match="is a causal language model, not a reward model") as err:
+        RewardScorer(str(chain["pretrain"] / "model"), key="eval.judge")
+    assert err.value.key == "eval.judge"
+    assert RewardScorer(str(chain["rm"]), key="eval.judge").model is not None  # an rm run still loads
