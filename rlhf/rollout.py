@@ -14,6 +14,8 @@ same number of forwards, and a process whose rows have all ended keeps decoding 
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
@@ -195,8 +197,14 @@ def generate(model, input_ids, attention_mask, cfg, stop_ids: Sequence[int], pad
              keys: torch.Tensor | None = None, synced: bool = False) -> Generation:
     """Sample (or greedily decode, temperature 0) responses with the named engine (default: `cfg.engine`).
     Prompts too long for the model's positions are cut from the left first (`data.fit_to_positions`)."""
-    from rlhf.data import fit_to_positions
+    from rlhf.data import fit_to_positions, model_positions
 
+    positions = model_positions(model)
+    if positions is not None:  # never past the model's positions: room after the batch, at least half of them
+        new_tokens = min(cfg.max_new_tokens, max(positions - input_ids.shape[1], positions // 2, 1))
+        if new_tokens != cfg.max_new_tokens:
+            cfg = copy.copy(cfg)
+            cfg.max_new_tokens = new_tokens
     input_ids, attention_mask = fit_to_positions(model, input_ids, attention_mask, cfg.max_new_tokens, pad_id)
     was_training = model.training
     model.eval()

@@ -398,3 +398,27 @@ def test_a_judge_that_is_a_causal_lm_is_refused_by_name(chain):
         RewardScorer(str(chain["pretrain"] / "model"), key="eval.judge")
     assert err.value.key == "eval.judge"
     assert RewardScorer(str(chain["rm"]), key="eval.judge").model is not None  # an rm run still loads
+
+
+@pytest.mark.parametrize("engine", ["seeded", "hf"])
+def test_max_new_tokens_is_capped_by_the_model_positions(engine):
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.batching import collate_prompts
+    from rlhf.rollout import generate
+    from rlhf.sections import GenerateSection
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0)).eval()
+    batch = collate_prompts([{"prompt_ids": [1, 5, 6, 7]}], 0)
+    cfg = GenerateSection(max_new_tokens=1_000_000_000, temperature=1.0, engine=engine)
+    started = time.perf_counter()
+    gen = generate(model, batch["input_ids"], batch["attention_mask"], cfg, stop_ids=[39], pad_id=0)
+    assert time.perf_counter() - started < 30
+    assert gen.sequences.shape[1] <= 32 and gen.prompt_width == 4
+    assert cfg.max_new_tokens == 1_000_000_000  # the recipe's section is not changed
