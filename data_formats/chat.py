@@ -27,7 +27,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from data_formats.templates import TEMPLATE_DIR, Template, load_template
-from rlhf.errors import DataError, UserError
+from rlhf.errors import DataError, UserError, describe
 
 CHAT = "chat"  # the `data.template` value that selects the tokenizer's chat template
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -70,8 +70,8 @@ def _message(m, where: str, field: str, role_key: str, content_key: str, roles: 
     role, content = m.get(role_key), m.get(content_key)
     if role is None:
         raise DataError("missing", where, f"{field}.{role_key}")
-    if role not in roles:
-        raise DataError(f"unknown role {role!r} (expected {', '.join(sorted(roles))})", where, f"{field}.{role_key}")
+    if not isinstance(role, str) or role not in roles:  # a list or object there is unhashable: say so, not a TypeError
+        raise DataError(f"unknown role {str(role)[:40]!r} (expected {', '.join(sorted(roles))})", where, f"{field}.{role_key}")
     if content is None:
         raise DataError("missing", where, f"{field}.{content_key}")
     if not isinstance(content, str):
@@ -167,8 +167,23 @@ class ChatFormat:
             raise UserError(f"the tokenizer of {tokenizer.name_or_path} has no chat template; install one with "
                             f"model.chat_template (e.g. chatml) or use a text template", None, key)
         self.tokenizer, self.key = tokenizer, key
+        self._check_renders_content()
         self.end = end_of_turn(tokenizer)  # e.g. '<|im_end|>', '<|eot_id|>'
         self.eos = self.end is None  # a template that writes no end-of-turn token: EOS ends each reply
+
+    def _check_renders_content(self) -> None:
+        """A template that drops the assistant's reply (or writes a constant) would train on end-of-turn tokens
+        alone; a probe reply must appear in what the template writes for it."""
+        probe = [{"role": "user", "content": "Q"}]
+        reply = "rlhf probe reply 7f3a"
+        try:
+            before = self.render(probe, True, "a probe conversation")
+            through = self.render(probe + [{"role": "assistant", "content": reply}], False, "a probe conversation")
+        except UserError:
+            return  # a template that refuses a plain user/assistant pair: the records' own rendering says why
+        if reply not in through[len(before):]:
+            raise UserError("the chat template never writes the assistant's content (a probe reply is missing from "
+                            "its rendering): training would learn end-of-turn tokens only", None, self.key)
 
     @property
     def signature(self) -> tuple:
@@ -181,6 +196,8 @@ class ChatFormat:
                                                       add_generation_prompt=generation)
         except TemplateError as err:
             raise DataError(f"the chat template refuses this conversation: {err}", where, self.key) from None
+        except Exception as err:  # a template that raises anything else while rendering: the key that names it
+            raise DataError(f"the chat template failed while rendering ({describe(err)})", where, self.key) from None
 
     def prompt(self, messages: list[dict], where: str) -> str:
         return self.render(messages, True, where)

@@ -27,21 +27,23 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from rlhf.checkpoint import newest_complete
+from rlhf.checkpoint import newest_complete, read_state
 from rlhf.config import dump_yaml, recipe_hash, to_dict
 from rlhf.errors import UserError, describe, warn
-from rlhf.files import git_commit, package_versions, sha256_file, sha256_tree, write_json_atomic, write_text_atomic
+from rlhf.files import (git_commit, open_own, package_versions, sha256_file, sha256_tree, write_json_atomic,
+                        write_text_atomic)
 from rlhf.metrics import finite_or_none
 from rlhf.recipes import PARENT_STAGES, RECIPES, input_paths
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-INPUTS = "inputs.json"  # in checkpoints/: the input hashes the checkpoints were trained on
+OWNER = ".owner.json"  # in `.partial`: which stage and output_dir created it (`RunFolder._check_owner`)
 
 
 def hash_input(path_or_id: str) -> dict:
@@ -54,6 +56,36 @@ def hash_input(path_or_id: str) -> dict:
     if p.is_dir():
         return {"path": str(p.resolve()), "kind": "folder", "sha256": sha256_tree(p)}
     return {"hub_id": path_or_id, "kind": "hub"}
+
+
+def lineage(path_or_id: str, limit: int = 256) -> list[str]:
+    """Every folder or file an input was made from, through its whole ancestry: the inputs recorded in the manifest
+    of each run folder, and the base model named by each adapter. A run must write over none of them (replacing the
+    base model under an adapter breaks the run that trained it). Unreadable records are skipped (not this check's
+    business); at most `limit` ancestors."""
+    seen: set[str] = set()
+    todo = [path_or_id]
+    while todo and len(seen) < limit:
+        path = Path(todo.pop()).expanduser()
+        found = []
+        for folder in (path, path / "model"):
+            try:
+                cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+                found.append(cfg.get("base_model_name_or_path"))
+            except (OSError, ValueError, AttributeError):
+                pass
+        try:
+            manifest = read_manifest(path) if path.is_dir() else None
+        except UserError:
+            manifest = None
+        inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+        if isinstance(inputs, dict):
+            found += [record.get("path") for record in inputs.values() if isinstance(record, dict)]
+        for ancestor in found:
+            if isinstance(ancestor, str) and ancestor.strip() and ancestor not in seen and Path(ancestor).exists():
+                seen.add(ancestor)
+                todo.append(ancestor)
+    return sorted(seen)
 
 
 def read_manifest(run_dir: str | Path) -> dict | None:
@@ -162,6 +194,8 @@ class RunFolder:
                             None, "output_dir")
         for key, value in input_paths(self.recipe):
             self._check_input(key, value)
+            for ancestor in lineage(value):  # what the input was made from is read too (a base under an adapter)
+                self._check_input(f"{key}, made from {ancestor}", ancestor)
 
     def _check_input(self, key: str, value: str) -> None:
         """Refuse an output folder (or its `.partial`) that is, holds or sits inside the input `value`."""
@@ -182,6 +216,7 @@ class RunFolder:
         """'finished' (keep the finished run), 'pending' (a finished `.partial` to move into place),
         'resume' (from the newest complete checkpoint) or 'fresh'. Reads only; raises what the policy refuses."""
         r = self.recipe
+        self._check_owner()
         manifest = self._finished_manifest()
         if manifest is not None:
             if r.resume and not r.overwrite:
@@ -261,10 +296,7 @@ class RunFolder:
         key = os.path.abspath(path)
         if key in _HELD:
             return  # an earlier RunFolder of this process holds it (a re-run in the same interpreter)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            raise UserError(f"cannot create {path}: {err.strerror or err}", None, "output_dir") from None
+        fd = open_own(path, os.O_RDWR | os.O_CREAT)  # a link, FIFO or hard link there: refused, never written
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -276,24 +308,54 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
         _HELD[key] = fd
+        if not (self.partial / OWNER).is_file():
+            write_json_atomic(self.partial / OWNER, self._owner())
 
     def _release(self) -> None:
         _release(self.partial)
 
     def _refuse_links(self) -> None:
-        """A run folder never holds symbolic links; resuming would write through one (metrics, checkpoints)."""
+        """A run folder never holds symbolic or hard links; resuming would write through one (metrics, checkpoints)."""
         for root, dirs, files in os.walk(self.partial):
             for name in dirs + files:
                 path = os.path.join(root, name)
-                if os.path.islink(path):
-                    raise UserError(f"{path} is a symbolic link: a run folder never holds one, and resuming would "
-                                    f"write through it; remove it, or pass resume=false to start over", None,
-                                    "output_dir")
+                info = os.lstat(path)
+                kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else \
+                    f"a file with {info.st_nlink} hard links" if stat.S_ISREG(info.st_mode) and info.st_nlink > 1 \
+                    else None
+                if kind:
+                    raise UserError(f"{path} is {kind}: a run folder never holds one, and resuming would write "
+                                    f"through it; remove it, or pass resume=false to start over", None, "output_dir")
+
+    def _owner(self) -> dict:
+        """What `.partial/.owner.json` records: the working folder belongs to a run of this stage and output_dir."""
+        return {"stage": self.stage, "output_dir": os.path.abspath(self.final)}
+
+    def _check_owner(self) -> None:
+        """Only a working folder that this pipeline created for this stage and output_dir is resumed or cleared: a
+        user's folder named like one, or a finished run whose own output_dir was `X.partial`, is left alone."""
+        if not self.partial.is_dir():
+            return
+        entries = {entry.name for entry in self.partial.iterdir()}
+        if entries <= {LOCK}:
+            return  # nothing to lose (a run killed right after creating it)
+        try:
+            owner = json.loads((self.partial / OWNER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            owner = None
+        if owner == self._owner():
+            return
+        if owner is None and LOCK in entries and _locked_by_other(self.partial / LOCK):
+            return  # a run that has just taken it and not yet written its owner: `_lock` says who holds it
+        what = "was not created by a run of this pipeline" if not isinstance(owner, dict) else \
+            f"is the working folder of a {str(owner.get('stage'))[:20]!r} run writing {str(owner.get('output_dir'))[:200]}"
+        raise UserError(f"{self.partial} {what}, so it is neither resumed nor cleared; move it away or choose another "
+                        f"output_dir", None, "output_dir")
 
     def _clear(self) -> None:
-        """Empty `.partial` for a fresh start (the lock stays; links are removed, never followed)."""
+        """Empty `.partial` for a fresh start (the lock and owner stay; links are removed, never followed)."""
         for entry in self.partial.iterdir():
-            if entry.name != LOCK:
+            if entry.name not in (LOCK, OWNER):
                 _remove(entry)
 
     def _move_into_place(self) -> None:
@@ -312,6 +374,7 @@ class RunFolder:
             os.replace(self.final, old)
         os.replace(self.partial, self.final)
         (self.final / LOCK).unlink(missing_ok=True)
+        (self.final / OWNER).unlink(missing_ok=True)
         self._release()
         for leftover in self.final.parent.glob(f".{glob.escape(self.final.name)}.old-*"):
             _remove(leftover)
@@ -359,10 +422,15 @@ class RunFolder:
         record = hash_input(path_or_id)
         if self.resuming:
             if self._saved_inputs is None:
-                try:
-                    self._saved_inputs = json.loads((self.checkpoints / INPUTS).read_text())
-                except (OSError, ValueError):
-                    self._saved_inputs = {}  # checkpoints of an older version: nothing to compare
+                # kept in the checkpoint's sealed state (`Scaffold.save_checkpoint`): a file beside the checkpoints
+                # could be emptied, and the check with it
+                ckpt = self.latest_checkpoint()
+                saved = read_state(ckpt).get("inputs") if ckpt is not None else None
+                if not isinstance(saved, dict):
+                    raise UserError(f"checkpoint {ckpt} records no input hashes (an older version wrote it), so a "
+                                    f"changed input could not be noticed: pass resume=false to start over", None,
+                                    "resume")
+                self._saved_inputs = saved
             before = self._saved_inputs.get(name)
             if before is not None and _identity(before) != _identity(record):
                 raise UserError(f"{path_or_id} changed since the checkpoints in {self.partial} were written "
@@ -370,9 +438,6 @@ class RunFolder:
                                 f"train on two different inputs: restore it, or pass resume=false to start over",
                                 None, name)
         self.inputs[name] = record
-        if not self.resuming:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.checkpoints / INPUTS, self.inputs)
 
     @contextlib.contextmanager
     def optional(self, what: str):
@@ -417,6 +482,21 @@ class RunFolder:
 def _identity(record: dict) -> tuple[str, str]:
     """What makes an input the same input: its kind and content hash (or hub id); not where it lies."""
     return str(record.get("kind")), str(record.get("sha256") or record.get("hub_id"))
+
+
+def _locked_by_other(lock: Path) -> bool:
+    """Whether another process holds the flock of `lock` (opened read-only: nothing is created or written)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _release(partial: Path) -> None:

@@ -13,6 +13,7 @@ run needs `output_dir` on a filesystem that all nodes share (as `accelerate save
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -24,7 +25,8 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
-from rlhf.files import write_json_atomic
+from rlhf.errors import UserError, describe
+from rlhf.files import sha256_file, write_json_atomic
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 COMPLETE = "complete.json"  # written last into a checkpoint: every file with its size
@@ -60,7 +62,8 @@ def _set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 def save(folder: Path, step: int, accelerator, state: dict, modules: dict, optimizers: dict,
          schedulers: dict, keep: int) -> Path:
-    """Write checkpoint `step` under `folder` (all processes call this)."""
+    """Write checkpoint `step` under `folder` (all processes call this). A full disk is one line saying so and
+    where, and the unfinished checkpoint is removed (the previous ones stay intact)."""
     final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
@@ -68,7 +71,40 @@ def save(folder: Path, step: int, accelerator, state: dict, modules: dict, optim
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        _write(tmp, accelerator, state, modules, optimizers, schedulers)
+        if accelerator.is_main_process:
+            mark_complete(tmp)  # after every process has written its files
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err):
+            raise
+        free = shutil.disk_usage(folder).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"the disk is full: writing checkpoint {step} failed with {free // 2**20} MiB free on the disk "
+                        f"that holds {folder} ({describe(err)}); the unfinished checkpoint was removed and the "
+                        f"previous ones are intact: free space, then run the same command to resume", None,
+                        "output_dir") from None
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(p for p in folder.iterdir() if p.name.startswith("step-"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
 
+
+def disk_full(err: BaseException) -> bool:
+    """Whether a write failed for want of space: ENOSPC/EDQUOT, or torch's zip writer, which reports a short write
+    as `unexpected pos` / `file write failed` without the errno."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return "unexpected pos" in text or "file write failed" in text or "No space left" in text
+
+
+def _write(tmp: Path, accelerator, state: dict, modules: dict, optimizers: dict, schedulers: dict) -> None:
     plain, tensors = _rng_state()
     rank = accelerator.process_index
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(plain))
@@ -88,16 +124,6 @@ def save(folder: Path, step: int, accelerator, state: dict, modules: dict, optim
             torch.save(sched.state_dict(), tmp / f"{name}.scheduler.pt")
         write_json_atomic(tmp / "state.json", state)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        mark_complete(tmp)  # after every process has written its files
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        done = sorted(p for p in folder.iterdir() if p.name.startswith("step-"))
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def read_state(path: Path) -> dict:
@@ -136,26 +162,31 @@ def load(path: Path, accelerator, modules: dict, optimizers: dict, schedulers: d
 
 
 def mark_complete(folder: Path) -> None:
-    """Mark a checkpoint folder complete: `complete.json`, written last, lists every file with its size."""
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Mark a checkpoint folder complete: `complete.json`, written last, lists every file with its size and sha256
+    (a file damaged without changing its size is caught too)."""
+    files = {p.relative_to(folder).as_posix(): [p.stat().st_size, sha256_file(p)]
+             for p in sorted(folder.rglob("*")) if p.is_file()}
     write_json_atomic(folder / COMPLETE, {"files": files})
 
 
 def incomplete_reason(folder: Path) -> str | None:
     """Why a checkpoint folder is not as `mark_complete` recorded it (truncated, half-deleted, never
-    finished); None when it is complete."""
+    finished, changed); None when it is complete."""
     try:
         files = json.loads((folder / COMPLETE).read_text())["files"]
-        listed = [(str(name), int(size)) for name, size in files.items()]
+        listed = [(str(name), int(size), str(digest)) for name, (size, digest) in files.items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"no readable {COMPLETE}"
-    for name, size in listed:
+    for name, size, _ in listed:
         try:
             actual = (folder / name).stat().st_size
         except OSError:
             return f"{name} is missing"
         if actual != size:
             return f"{name} has {actual} of its {size} bytes"
+    for name, _, digest in listed:  # sizes first: they cost nothing
+        if sha256_file(folder / name) != digest:
+            return f"{name} has changed since it was written (its sha256 differs)"
     return None
 
 

@@ -107,11 +107,14 @@ def run_stage(stage: str, recipe_path: str, overrides: list[str]):
         raise
     try:
         return module.run(recipe)
-    except BaseException:  # any error, Ctrl-C or exit: nothing half-written stays behind (checkpoints do)
+    except BaseException as err:  # any error, Ctrl-C or exit: nothing half-written stays behind (checkpoints do)
         if os.environ.get("RANK", "0") == "0":
             from rlhf.artifacts import RunFolder
 
             RunFolder.discard_failed(recipe)
+        if isinstance(err, SystemExit):  # exit() in code the stage called (a plug-in): never "finished", exit 0
+            raise RuntimeError(f"something the {stage} stage called exited (SystemExit: {str(err.code)[:80]}) "
+                               f"before the stage finished") from None
         raise
 
 

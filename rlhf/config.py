@@ -72,7 +72,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Return `value` checked against type `tp` (ints widen to floats, numeric strings become floats)."""
     origin = get_origin(tp)
-    bad = RecipeError(f"expected {_type_name(tp)}, got {value!r}", where, key)
+    bad = RecipeError(f"expected {_type_name(tp)}, got {excerpt(value)}", where, key)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -229,6 +229,12 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def excerpt(value: Any, limit: int = 60, quote: bool = True) -> str:
+    """A value as an error line shows it: its repr (or str), cut to `limit` characters with how much was cut."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
@@ -245,9 +251,59 @@ class DuplicateKey(yaml.YAMLError):
         super().__init__(f"duplicate key {key!r}")
 
 
+class TooLarge(yaml.YAMLError):
+    """A YAML document whose aliases expand beyond `MAX_VALUES` values (an alias bomb), or refer to themselves."""
+
+    def __init__(self, problem: str, line: int):
+        self.problem, self.line = problem, line
+        super().__init__(problem)
+
+
+MAX_VALUES = 100_000  # a recipe has a few hundred; a 600-byte alias bomb expands to billions
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values a composed document holds once every alias is expanded (each shared node counted as often as
+    it is referred to, computed once per node, so the bomb is measured without being expanded)."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if not children_done:
+            if id(node) in visiting:
+                raise TooLarge("an alias refers to the collection that contains it", node.start_mark.line + 1)
+            visiting.add(id(node))
+            stack.append((node, True))
+            for child in children:
+                if id(child) in visiting and id(child) not in sizes:
+                    raise TooLarge("an alias refers to the collection that contains it", child.start_mark.line + 1)
+                stack.append((child, False))
+            continue
+        sizes[id(node)] = size = 1 + sum(sizes[id(c)] for c in children)
+        if size > MAX_VALUES:
+            raise TooLarge(f"its aliases expand to more than {MAX_VALUES:,} values (an alias bomb?)",
+                           node.start_mark.line + 1)
+    return sizes[id(root)]
+
+
 class _StrictLoader(yaml.SafeLoader):
     """`yaml.safe_load`, except that a key given twice in one mapping is an error: PyYAML would keep
-    the last value silently, so `lr: 1e-4` ... `lr: 1e-3` would train with whichever came last."""
+    the last value silently, so `lr: 1e-4` ... `lr: 1e-3` would train with whichever came last; and a document
+    whose aliases expand beyond `MAX_VALUES` values is refused before anything is built from it."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -282,7 +338,9 @@ def read_yaml(path: str | Path) -> dict:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except DuplicateKey as err:
         raise RecipeError(f"duplicate key (first given on line {err.first_line}); YAML would silently keep "
-                          f"only the last value", f"{path}:{err.line}", str(err.key)) from None
+                          f"only the last value", f"{path}:{err.line}", excerpt(err.key, quote=False)) from None
+    except TooLarge as err:
+        raise RecipeError(f"refused: {err.problem}", f"{path}:{err.line}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -306,15 +364,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[str]:
     touched = set()
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(f"override {item!r} is not of the form key=value", "command line")
+            raise RecipeError(f"override {excerpt(item)} is not of the form key=value", "command line")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
-            raise RecipeError(f"override {item!r} has an empty key", "command line")
+            raise RecipeError(f"override {excerpt(item)} has an empty key", "command line")
         try:
             value = load_yaml(raw) if raw.strip() else ""
         except DuplicateKey as err:
-            raise RecipeError(f"duplicate key {err.key!r} in {raw!r}", "command line", key) from None
+            raise RecipeError(f"duplicate key {excerpt(err.key)} in {excerpt(raw)}", "command line", key) from None
         except yaml.YAMLError:
             value = raw
         node = data

@@ -18,8 +18,14 @@ class UserError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        parts = [p for p in (self.where, self.key, self.message) if p]
+        # never a screenful: whatever a bad value holds, each part is cut to a short excerpt
+        parts = [_cut(p, limit) for p, limit in ((self.where, 300), (self.key, 200), (self.message, 800)) if p]
         return "error: " + ": ".join(parts)
+
+
+def _cut(text: str, limit: int) -> str:
+    text = " ".join(str(text).split("\n"))
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 class RecipeError(UserError):

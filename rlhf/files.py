@@ -7,10 +7,13 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from rlhf.errors import UserError
 
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors",
@@ -44,6 +47,27 @@ def write_text_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def open_own(path: Path, flags: int, key: str = "output_dir") -> int:
+    """Open a file of the run for writing: never through a symbolic link, a FIFO, a device or a hard link (a file
+    with other names may be someone else's file: writing it would change that file too). Checked on the open
+    descriptor, before anything is written; a refusal is one line naming the path."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise UserError(f"cannot open {path}: {err.strerror or err} (a run's file is a plain file; remove what is "
+                        f"there)", None, key) from None
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a plain file (a FIFO, socket or device)"
+    elif info.st_nlink > 1:
+        problem = f"has {info.st_nlink} hard links: it is also a file elsewhere, which writing it would change"
+    if problem:
+        os.close(fd)
+        raise UserError(f"{path} {problem}; a run writes only its own files: remove it", None, key)
+    return fd
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlhf.files import open_own
+
 
 class MetricsLog:
     """metrics.jsonl, written by the main process only (trackers such as TensorBoard: `rlhf.tracking`)."""
@@ -20,7 +22,7 @@ class MetricsLog:
             return
         if resume_offset is not None and self.path.exists():
             # drop lines logged after the checkpoint we resume from: they will be logged again
-            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+            fd = open_own(self.path, os.O_RDWR)
             try:
                 os.ftruncate(fd, resume_offset)
             finally:
@@ -36,7 +38,7 @@ class MetricsLog:
         self.last.update({k: v for k, v in clean.items() if v is not None})
         if not self.enabled:
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         with os.fdopen(fd, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
 

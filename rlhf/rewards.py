@@ -15,12 +15,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 from typing import Callable
 
+import numpy as np
 import torch
 
 from data_formats.tasks import grade, has_gold
-from rlhf.errors import UserError
+from rlhf.errors import UserError, describe
 
 KEY = "ppo.reward_fn"
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
@@ -40,8 +42,8 @@ def load_reward_fn(spec: str) -> RewardFn:
         raise UserError(f"expected 'gold' or 'package.module:function', got {spec!r}", None, KEY)
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # ImportError, or anything the module raises while it is imported
-        raise UserError(f"cannot import {module_name!r}: {type(err).__name__}: {err}", None, KEY) from None
+    except (Exception, SystemExit) as err:  # ImportError, anything the module raises, or exit() while imported
+        raise UserError(f"cannot import {module_name[:80]!r}: {describe(err)}", None, KEY) from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"module {module_name!r} has no function {name!r}", None, KEY)
@@ -71,18 +73,23 @@ def call_reward_fn(fn: RewardFn, prompts: list[str], completions: list[str], rec
     """(B,) float32 rewards of `fn`, checked: a list of B finite numbers."""
     try:
         out = fn(list(prompts), list(completions), [dict(r) for r in records])
-    except Exception as err:
-        raise UserError(f"raised {type(err).__name__}: {err}", None, KEY) from None
+    except (Exception, SystemExit) as err:  # exit(0) inside it must not end the stage as if it had finished
+        raise UserError(f"raised {describe(err)}", None, KEY) from None
     if isinstance(out, torch.Tensor):
         out = out.detach().cpu().reshape(-1).tolist()
-    try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise UserError(f"must return a list of numbers, got {type(out).__name__}", None, KEY) from None
-    if len(values) != len(completions):
-        raise UserError(f"returned {len(values)} values for {len(completions)} completions", None, KEY)
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        raise UserError(f"returned a non-finite value ({bad[0]})", None, KEY)
-    return torch.tensor(values, dtype=torch.float32)
+    if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
+        raise UserError(f"must return a list of numbers, got {type(out).__name__}", None, KEY)
+    # numbers only: a string or a dict is refused, not coerced by float()
+    wrong = [v for v in out if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_))]
+    if wrong:
+        raise UserError(f"must return a list of numbers, got a {type(wrong[0]).__name__} ({str(wrong[0])[:40]!r})",
+                        None, KEY)
+    if len(out) != len(completions):
+        raise UserError(f"returned {len(out)} values for {len(completions)} completions", None, KEY)
+    values = torch.tensor([float(v) for v in out], dtype=torch.float64).to(torch.float32)
+    bad = [v for v, v32 in zip(out, values.tolist()) if not math.isfinite(v32)]
+    if bad:  # checked in float32, the dtype the rewards are used in: 1e300 is finite in float64 only
+        raise UserError(f"returned a non-finite value in float32, the dtype rewards are used in ({str(bad[0])[:40]})",
+                        None, KEY)
+    return values
 

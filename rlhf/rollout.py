@@ -15,6 +15,8 @@ same number of forwards, and a process whose rows have all ended keeps decoding 
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
@@ -210,9 +212,15 @@ class Engine:
                  synced: bool = False) -> Generation:
         """Sample (or greedily decode, temperature 0) responses for left-padded prompts. Prompts too long for the
         model's positions are cut from the left first (`data.fit_to_positions`)."""
-        from rlhf.data import fit_to_positions
+        from rlhf.data import fit_to_positions, model_positions
 
         cfg = cfg or self.cfg
+        positions = model_positions(self.policy)
+        if positions is not None:  # never past the model's positions: room after the batch, at least half of them
+            new_tokens = min(cfg.max_new_tokens, max(positions - input_ids.shape[1], positions // 2, 1))
+            if new_tokens != cfg.max_new_tokens:
+                cfg = copy.copy(cfg)
+                cfg.max_new_tokens = new_tokens
         input_ids, attention_mask = fit_to_positions(self.policy, input_ids, attention_mask, cfg.max_new_tokens,
                                                      self.ctx.pad_id)
         return self._decode(input_ids, attention_mask, cfg, keys, synced)

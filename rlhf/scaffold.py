@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from rlhf import checkpoint, tracking
 from rlhf.metrics import MetricsLog
-from rlhf.errors import Interrupted
+from rlhf.errors import Interrupted, UserError, describe
 from rlhf.runtime import Interrupt, global_sum
 
 
@@ -40,8 +40,12 @@ class Scaffold:
         self.state: dict = {"step": 0, "metrics_offset": None, "final": {}}
         if folder.resuming:
             ckpt = folder.latest_checkpoint()
-            folder.check_resume_recipe(checkpoint.read_state(ckpt)["recipe_sha256"])
-            saved = checkpoint.load(ckpt, accelerator, models, optimizers, schedulers)
+            folder.check_resume_recipe(checkpoint.read_state(ckpt).get("recipe_sha256"))
+            try:
+                saved = checkpoint.load(ckpt, accelerator, models, optimizers, schedulers)
+            except Exception as err:  # sealed and intact, yet not loadable (another version's, another model's)
+                raise UserError(f"checkpoint {ckpt} cannot be loaded ({describe(err)}); pass resume=false to start "
+                                f"over", None, "resume") from None
             for name, obj in self.stateful.items():
                 obj.load_state_dict(saved.pop(name))
             self.state.update(saved)
@@ -89,7 +93,7 @@ class Scaffold:
     def save_checkpoint(self) -> None:
         self.accelerator.wait_for_everyone()
         self.state.update(metrics_offset=self.metrics.offset(), recipe_sha256=self.folder.recipe_hash(),
-                          final=self.final, **{name: obj.state_dict() for name, obj in self.stateful.items()})
+                          final=self.final, inputs=self.folder.inputs, **{name: obj.state_dict() for name, obj in self.stateful.items()})
         checkpoint.save(self.folder.checkpoints, self.step, self.accelerator, self.state, self.models,
                         self.optimizers, self.schedulers, self.train.keep_checkpoints)
 

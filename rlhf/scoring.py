@@ -30,7 +30,8 @@ from data_formats.schemas import parse_prompt
 from rlhf.artifacts import expect_run
 from rlhf.batching import pad
 from rlhf.losses import last_token_index
-from rlhf.models import STATS_FILE, ScalarHead, load_model, model_dir, model_file, position_ids_from_mask
+from rlhf.errors import UserError
+from rlhf.models import STATS_FILE, ScalarHead, load_model, model_dir, model_file, model_info, position_ids_from_mask
 from rlhf.tokenization import load_tokenizer
 from rlhf.recipes import REWARD_RUNS
 from rlhf.rollout import Generation, decode_responses
@@ -74,6 +75,10 @@ class RewardScorer:
     def __init__(self, spec: str, device="cpu", dtype: str = "float32", normalize: bool = False,
                  key: str = "reward_model", trust_remote_code: bool = False):
         manifest = expect_run(spec, set(REWARD_RUNS), key)
+        if manifest is None and model_info(spec, key).get("task") != "seq_cls":
+            # a causal LM would get a new zero-initialised score head: every score 0, every comparison a tie
+            raise UserError(f"{spec} is a causal language model, not a reward model (no trained score head): name an "
+                            f"rm run or a ...ForSequenceClassification model", None, key)
         self.tokenizer = load_tokenizer(spec, key, trust_remote_code=trust_remote_code)
         self.format = reward_format(manifest, self.tokenizer, key)
         # the token a finished response ends with here: the format's end of turn ('<|im_end|>'), else EOS

@@ -84,6 +84,12 @@ class TrainSection:
             raise RecipeError(f"expected two numbers in [0, 1), got {self.adam_betas}", key="adam_betas")
         if len(set(self.report_to)) < len(self.report_to):
             raise RecipeError(f"names a tracker twice: {self.report_to}", key="report_to")
+        project = self.tracker_project
+        if project is not None and (project.strip() in ("", ".", "..") or any(c in project for c in "/\\\0")
+                                    or len(project) > 200):
+            # TensorBoard writes into tb/<project>/ inside the run: a path here would write outside it
+            raise RecipeError(f"expected a plain name (no '/', '\\', '..', at most 200 characters), got "
+                              f"{project[:60]!r}", key="tracker_project")
 
 
 @dataclass(kw_only=True)

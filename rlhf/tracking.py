@@ -18,10 +18,11 @@ Trackers are configured the usual way for each service (WANDB_MODE, WANDB_DIR, M
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
-from rlhf.errors import RecipeError
+from rlhf.errors import RecipeError, describe
 
 KEY = "train.report_to"
 
@@ -39,6 +40,31 @@ def check_installed(report_to: list[str]) -> None:
     if missing:
         raise RecipeError(f"{', '.join(missing)} is not installed: pip install 'rlhf[tracking]' (or pip install "
                           f"{' '.join(missing)}), or remove it from the list", None, KEY)
+    if "mlflow" in report_to:
+        check_mlflow()
+
+
+def check_mlflow() -> None:
+    """Open MLflow's tracking store now, before any model loads: MLflow >= 3.18 refuses its file store unless
+    MLFLOW_ALLOW_FILE_STORE=true, and `mlflow-skinny` cannot open the default SQLite store (no SQLAlchemy)."""
+    try:
+        import mlflow
+
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as err:
+        raise RecipeError(f"mlflow cannot open its tracking store {_mlflow_uri()!r} ({describe(err)}): set "
+                          f"MLFLOW_TRACKING_URI to a server (http://...) or a store it can open (e.g. "
+                          f"MLFLOW_TRACKING_URI=file:./mlruns with MLFLOW_ALLOW_FILE_STORE=true), or remove mlflow "
+                          f"from the list", None, KEY) from None
+
+
+def _mlflow_uri() -> str:
+    try:
+        import mlflow
+
+        return str(mlflow.get_tracking_uri())[:120]
+    except Exception:
+        return "?"
 
 
 def logging_dir(output_dir: str | Path) -> Path:
@@ -83,7 +109,7 @@ def start(accelerator, folder, train, state: dict) -> None:
         return
     runs = state.setdefault("tracker_runs", {})
     name = folder.final.name
-    project = train.tracker_project or folder.final.parent.name or "rlhf"
+    project = train.tracker_project or Path(os.path.abspath(folder.final)).parent.name or "rlhf"
     init_kwargs = {
         "wandb": {"name": name, **({"id": runs["wandb"], "resume": "allow"} if "wandb" in runs else {})},
         "mlflow": {"run_name": name, "run_id": runs.get("mlflow")},

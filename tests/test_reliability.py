@@ -291,6 +291,11 @@ def test_the_run_lock_is_taken_atomically(chain, tmp_path, capsys):
     holder = hold_lock(Path(f"{out}.partial"))
     try:
         (Path(f"{out}.partial") / "work.txt").write_text("the other run's file\n")
+        assert main(tasks_args(chain, f"output_dir={out}")) == 2  # even before the other run wrote its .owner.json
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another run" in err[0] and "is writing" in err[0], err
+        # what a run writes right after taking the lock: its working folder's owner
+        (Path(f"{out}.partial") / ".owner.json").write_text(json.dumps({"stage": "tasks", "output_dir": str(out)}))
         assert main(tasks_args(chain, f"output_dir={out}")) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "another run" in err[0] and "is writing" in err[0], err
