@@ -35,7 +35,7 @@ else
   LAUNCH := $(VENV)/bin/accelerate launch $(if $(ACCEL_CONFIG),--config_file $(ACCEL_CONFIG),--multi_gpu) --num_processes $(NPROC) -m rlhf.cli
 endif
 
-.PHONY: setup setup-vllm test test-vllm test-matrix demo demo-chat league report check plan docs $(STAGES)
+.PHONY: setup setup-vllm lint test test-vllm test-matrix demo demo-chat league report check plan docs $(STAGES)
 
 setup: $(VENV)/.installed
 
@@ -57,9 +57,13 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	@touch $@
 
 # every tier: the suite in .venv (its vLLM tests skip there), then the vLLM tier in .venv-vllm
-test: setup setup-vllm
+test: setup setup-vllm lint
 	$(PY) -m pytest tests
 	$(MAKE) test-vllm
+
+# ruff with its configuration in pyproject.toml ([tool.ruff]); part of `make test`
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test-vllm: setup-vllm
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VLLM_PY) -m pytest tests/test_vllm.py

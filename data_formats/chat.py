@@ -71,7 +71,8 @@ def _message(m, where: str, field: str, role_key: str, content_key: str, roles: 
     if role is None:
         raise DataError("missing", where, f"{field}.{role_key}")
     if not isinstance(role, str) or role not in roles:  # a list or object there is unhashable: say so, not a TypeError
-        raise DataError(f"unknown role {str(role)[:40]!r} (expected {', '.join(sorted(roles))})", where, f"{field}.{role_key}")
+        raise DataError(f"unknown role {str(role)[:40]!r} (expected {', '.join(sorted(roles))})", where,
+                        f"{field}.{role_key}")
     if content is None:
         raise DataError("missing", where, f"{field}.{content_key}")
     if not isinstance(content, str):

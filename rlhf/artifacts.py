@@ -348,7 +348,8 @@ class RunFolder:
         if owner is None and LOCK in entries and _locked_by_other(self.partial / LOCK):
             return  # a run that has just taken it and not yet written its owner: `_lock` says who holds it
         what = "was not created by a run of this pipeline" if not isinstance(owner, dict) else \
-            f"is the working folder of a {str(owner.get('stage'))[:20]!r} run writing {str(owner.get('output_dir'))[:200]}"
+            (f"is the working folder of a {str(owner.get('stage'))[:20]!r} run writing "
+             f"{str(owner.get('output_dir'))[:200]}")
         raise UserError(f"{self.partial} {what}, so it is neither resumed nor cleared; move it away or choose another "
                         f"output_dir", None, "output_dir")
 

@@ -1,4 +1,5 @@
-"""Loading checkpoints (one function for every stage), scalar heads (tokenizers: `rlhf.tokenization`; LoRA: `rlhf.lora`).
+"""Loading checkpoints (one function for every stage), scalar heads (tokenizers: `rlhf.tokenization`;
+LoRA: `rlhf.lora`).
 
 A model reference is one of:
   - a run folder of an earlier stage (has manifest.json): its `model/` holds a full model or a peft

@@ -231,9 +231,9 @@ def update(accelerator, actor, critic, optimizers: dict, schedulers: dict, guard
 
     loss = L_clip + vf_coef·L_V (with a critic) + kl_coef·KL (kl_in: loss) − entropy_coef·H, each aggregated over
     the global minibatch as `ppo.loss_agg` says (`rlhf.losses.aggregate_loss`; `constant` divides by
-    `max_new_tokens` per response); the ratio per token or per response (`ppo.ratio_level`); logprobs under the rollout's
-    distribution (`temperature`, `suppress_ids` forbidden). Stops the epochs early when the minibatch approx-KL
-    (global mean) exceeds `ppo.early_stop_kl`.
+    `max_new_tokens` per response); the ratio per token or per response (`ppo.ratio_level`); logprobs under the
+    rollout's distribution (`temperature`, `suppress_ids` forbidden). Stops the epochs early when the minibatch
+    approx-KL (global mean) exceeds `ppo.early_stop_kl`.
     """
     world, rows_total, response_mask = accelerator.num_processes, exp.sequences.shape[0], exp.response_mask
     minibatches, micro = rows_total * world // train.batch_size, train.micro_batch_size

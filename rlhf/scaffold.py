@@ -93,7 +93,8 @@ class Scaffold:
     def save_checkpoint(self) -> None:
         self.accelerator.wait_for_everyone()
         self.state.update(metrics_offset=self.metrics.offset(), recipe_sha256=self.folder.recipe_hash(),
-                          final=self.final, inputs=self.folder.inputs, **{name: obj.state_dict() for name, obj in self.stateful.items()})
+                          final=self.final, inputs=self.folder.inputs,
+                          **{name: obj.state_dict() for name, obj in self.stateful.items()})
         checkpoint.save(self.folder.checkpoints, self.step, self.accelerator, self.state, self.models,
                         self.optimizers, self.schedulers, self.train.keep_checkpoints)
 

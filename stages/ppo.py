@@ -90,7 +90,7 @@ def run(recipe: PPORecipe) -> Path:
     for it in scaffold.steps():
         watch = Stopwatch()
 
-        def rollout(r: int) -> Round:  # r > 0: dynamic sampling's extra rounds, prompts of a later epoch order
+        def rollout(r: int, it: int = it, watch: Stopwatch = watch) -> Round:  # r > 0: dynamic sampling's extra rounds
             rows, keys = rollout_rows(len(prompts), ppo, it + r * iterations, rank, world, recipe.seed)  # k per prompt
             batch = [prompts[i] for i in rows]
             # 1. rollout: the actor samples (noise keyed by example, so any batching or process count samples alike)

@@ -108,7 +108,8 @@ def run(recipe: RMRecipe) -> Path:
         write_json_atomic(folder.partial / STATS_FILE, stats)
         write_json_atomic(folder.partial / "model" / STATS_FILE, stats)
     return folder.finish(metrics, extra={"model_info": info, "reward_stats": stats, "parameters": total,
-                                         "trainable_parameters": trainable}, derived=derived(recipe) | engine_figures(accelerator))
+                                         "trainable_parameters": trainable},
+                         derived=derived(recipe) | engine_figures(accelerator))
 
 
 def pair_rewards(model, batch: dict) -> torch.Tensor:

@@ -60,7 +60,8 @@ def write_recipe(name: str, root: Path) -> Path:
 
 def stage_of(name: str) -> str:
     """The stage of a tiny recipe (grpo.yaml is a ppo recipe; the others are named after their stage)."""
-    return {"grpo": "ppo", "dr_grpo": "ppo", "dapo": "ppo", "gspo": "ppo", "simpo": "dpo", "orpo": "dpo"}.get(name, name)
+    ppo_recipes, dpo_recipes = ("grpo", "dr_grpo", "dapo", "gspo"), ("simpo", "orpo")
+    return "ppo" if name in ppo_recipes else "dpo" if name in dpo_recipes else name
 
 
 def recipe(name: str, root: Path, *extra: str):

@@ -298,7 +298,7 @@ def test_hh_pairs_without_assistant_turn_name_the_transcript(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [bad])
     for fmt in ("auto", "hh"):
         with pytest.raises(DataError) as err:
-            load_split(PreferenceData(train=str(path), format=fmt), lambda r, t: parse_preference(r, t, fmt), seed=0)
+            load_split(PreferenceData(train=str(path), format=fmt), lambda r, t: parse_preference(r, t, fmt), seed=0)  # noqa: B023 (called in this iteration)
         assert err.value.line() == f"error: {path}:1: chosen: has no '\\n\\nAssistant:' turn"
     with pytest.raises(DataError, match=r"hh.jsonl:1: chosen: has no"):
         load_split(PromptData(train=str(path)), parse_prompt, seed=0)

@@ -333,7 +333,8 @@ def test_a_huge_bad_value_is_quoted_as_a_short_excerpt(tmp_path, capsys):
     assert len(err) < 400 and "train.lr" in err and "characters)" in err
 
 
-@pytest.mark.parametrize("body", ["{{- m['role'] + ': <|im_end|>' -}}", "{{- m['role'] + ': ' + 'OK' + '<|im_end|>' -}}"])
+@pytest.mark.parametrize("body", ["{{- m['role'] + ': <|im_end|>' -}}",
+                                  "{{- m['role'] + ': ' + 'OK' + '<|im_end|>' -}}"])
 def test_a_chat_template_that_never_writes_the_reply_is_refused(body):
     from data_formats.chat import make_format
     from tests.families import chatml

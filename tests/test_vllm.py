@@ -69,7 +69,7 @@ def test_policy_weights_are_the_adapted_model(tied):
     lora = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="all-linear", modules_to_save=[])
     policy = apply_lora(base, lora, token_ids=[90, 91])
     with torch.no_grad():
-        for name, p in policy.named_parameters():
+        for p in policy.parameters():
             if p.requires_grad:  # as after some updates: B != 0, token rows moved
                 p.add_(torch.randn_like(p) * 0.1)
     before = {n: p.clone() for n, p in policy.named_parameters()}
