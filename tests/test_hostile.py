@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -387,7 +388,8 @@ def test_a_tracker_that_cannot_start_is_one_line_before_any_model_loads(tmp_path
     except Exception:
         pass
     with pytest.raises(RecipeError, match="mlflow cannot open its tracking store") as err:
-        make_accelerator("no", ["mlflow"], str(tmp_path / "out"))
+        make_accelerator(SimpleNamespace(train=SimpleNamespace(mixed_precision="no", report_to=["mlflow"]),
+                                         output_dir=str(tmp_path / "out")))
     assert err.value.key == "train.report_to" and "MLFLOW_TRACKING_URI" in err.value.line()
     assert "MLFLOW_ALLOW_FILE_STORE=true" in err.value.line() and "\n" not in err.value.line()
 
