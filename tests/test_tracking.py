@@ -61,6 +61,9 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database unless told otherwise
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    for name, module in list(sys.modules.items()):  # imported already (by an earlier test): every copy of its folder
+        if name.split(".")[0] == "trackio" and isinstance(getattr(module, "TRACKIO_DIR", None), Path):
+            monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
     (tmp_path / "wandb-home").mkdir()
     yield tmp_path
     if "wandb" in sys.modules:  # W&B keeps its settings (WANDB_DIR, ...) for the process: forget this test's
