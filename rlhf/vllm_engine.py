@@ -20,6 +20,7 @@ follows a rollout keeps torch's thread settings.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tempfile
 import time
@@ -39,6 +40,14 @@ GREEDY_BELOW = 1e-5
 
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def in_process_settings() -> None:
+    """vLLM's settings for an engine in this process (unless the user set them): colocated (no engine process),
+    torch's threads kept for training, and its start-up notes quiet (they would bury the run's own)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 def check_installed(engine: str) -> None:
@@ -128,16 +137,14 @@ class VLLMEngine(Engine):
         check_settings(cfg)
         config = getattr(policy, "config", None) or policy.get_base_model().config
         check_model(config, ctx.device)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: the engine in this process
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # keep torch's threads for training
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its start-up notes would bury the run's own
+        in_process_settings()
         from vllm import LLM
 
         self.dtype = policy.get_input_embeddings().weight.dtype  # the model's (LoRA weights may be kept in float32)
         self.gpu = torch.device(ctx.device).type == "cuda"
         self.folder = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
         config = config.to_dict() | {"architectures": list(config.architectures or [type(policy).__name__])}
-        (Path(self.folder.name) / "config.json").write_text(__import__("json").dumps(config))
+        (Path(self.folder.name) / "config.json").write_text(json.dumps(config))
         positions = _positions(config)
         threads = torch.get_num_threads()
         kwargs = dict(model=self.folder.name, skip_tokenizer_init=True, load_format="dummy", enforce_eager=True,
@@ -238,17 +245,13 @@ def exported_greedy_check(folder, figures: list[dict], new_tokens: int, stop_ids
     {'greedy_match': share of prompts, 'prompts'} or {'skipped': why}."""
     if not vllm_installed():
         return {"skipped": "vLLM is not installed"}
-    import json
-
     from transformers import AutoConfig
 
     try:
         check_model(AutoConfig.from_pretrained(folder), "cuda" if torch.cuda.is_available() else "cpu")
     except UserError as err:
         return {"skipped": err.message}
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    in_process_settings()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
